@@ -1,0 +1,205 @@
+"""Cart-pole swing-up on Genesis: a batch of differentiable envs with a fixed camera per env.
+
+The task API that every script uses (the locomotion tasks follow it too):
+
+    task = CartpoleTask(num_envs, device, image_size=(H, W))
+    task.reset()                       # all envs to a random start; cuts the gradient tape
+    frames = task.render()             # (N, H, W, 3) uint8, never differentiated
+    reward, terminated, truncated = task.step(actions)   # actions (N, 1) in [-1, 1], differentiable
+    task.critic_obs()                  # (N, 5) [x, xdot, sin th, cos th, thdot], differentiable
+    task.backward(loss)                # back-propagate through the window, keep the end state
+    task.reset(ended_env_ids)          # at the window boundary only (see GENESIS.md: mid-window resets leak)
+
+theta = 0 is the pole upright; episodes start with it hanging down (theta = -pi).
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.genesis_setup import init_genesis
+
+ASSET = Path(__file__).parent / "assets" / "cartpole.xml"
+
+
+def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
+    """Wrap to [-pi, pi); differentiable (slope 1 everywhere but at the seam)."""
+    return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+
+
+def cartpole_reward(x, xdot, theta, thetadot):
+    """SHAC's swing-up reward: 10 (health) - th^2 - 0.1 thd^2 - 0.05 x^2 - 0.1 xd^2, th wrapped to [-pi, pi)."""
+    theta = wrap_angle(theta)
+    return 10.0 - theta**2 - 0.1 * thetadot**2 - 0.05 * x**2 - 0.1 * xdot**2
+
+
+class CartpoleTask:
+    name = "cartpole"
+    act_dim = 1
+    critic_obs_dim = 5
+    max_episode_length = 240
+    dt = 1.0 / 60.0
+    force_limit = 1000.0  # N; equals the motor's gear x ctrlrange in the MJCF (a larger force is clipped: zero grad)
+    track_limit = 2.5  # |x| beyond this ends the episode (the cart leaves the picture)
+    start_qpos_noise = math.pi / 12
+    start_qvel_noise = 0.05
+
+    def __init__(
+        self,
+        num_envs: int,
+        device: torch.device,
+        image_size: tuple[int, int] | None = (84, 84),
+        renderer: str = "rasterizer",
+        requires_grad: bool = True,
+        seed: int = 0,
+        precision: str = "32",
+    ):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.num_envs, self.device, self.requires_grad = num_envs, device, requires_grad
+        self.image_size = image_size
+        gs = init_genesis(device, precision)
+        self.float_dtype = gs.tc_float
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        lights = [dict(type="directional", dir=(0.3, 1.0, -0.6), color=(1.0, 1.0, 1.0), intensity=4.0)]
+        self.scene = gs.Scene(
+            sim_options=gs.options.SimOptions(dt=self.dt, substeps=1, requires_grad=requires_grad),
+            rigid_options=gs.options.RigidOptions(
+                enable_collision=False, integrator=gs.integrator.approximate_implicitfast
+            ),
+            vis_options=gs.options.VisOptions(
+                split_envs=True, shadow=False, ambient_light=(0.4, 0.4, 0.4),
+                background_color=(0.1, 0.1, 0.12), lights=lights,
+            ),
+            renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch" else gs.renderers.Rasterizer(),
+            show_viewer=False,
+        )
+        self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSET)))
+        self.camera = None
+        if image_size is not None:
+            height, width = image_size
+            # Frame the track: |x| <= 2.8 m fills the width whatever the aspect ratio (fov is vertical).
+            fov = 40.0
+            distance = 2.8 / ((width / height) * math.tan(math.radians(fov / 2)))
+            if renderer == "batch":
+                self.scene.add_light(pos=(0.0, -5.0, 3.0), dir=(0.3, 1.0, -0.6), intensity=4.0, directional=True,
+                                     castshadow=False)
+            self.camera = self.scene.add_camera(
+                res=(width, height), pos=(0.0, -distance, 0.0), lookat=(0.0, 0.0, 0.0), fov=fov, GUI=False,
+                near=0.5, far=distance + 5.0,
+            )
+        self.scene.build(n_envs=num_envs)
+        self.rigid = self.scene.sim.rigid_solver
+        self.dofs = [self.robot.get_joint("slider").dofs_idx_local[0], self.robot.get_joint("hinge").dofs_idx_local[0]]
+        self.motor_dofs = self.dofs[:1]
+        self.progress = torch.zeros(num_envs, dtype=torch.long, device=device)
+        # Genesis caches a view of its force buffer on first use, and a view made under no_grad cannot be written in
+        # grad mode later: make that first use one differentiable step.
+        with torch.enable_grad():
+            self.step(torch.zeros(num_envs, self.act_dim, device=device, requires_grad=requires_grad))
+        self.reset()
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _read_state(self):
+        """Latest (qpos, qvel) as (N, 2) each: differentiable in grad mode, plain reads under torch.no_grad()."""
+        if self.requires_grad and torch.is_grad_enabled():
+            state = self.rigid.get_state()
+            qpos, qvel = state.qpos[:, self.dofs], state.dofs_vel[:, self.dofs]
+        else:
+            qpos = self.robot.get_dofs_position(self.dofs)
+            qvel = self.robot.get_dofs_velocity(self.dofs)
+        # A blown-up env must not put NaN into the shared loss; it is terminated below.
+        self.finite = torch.isfinite(qpos).all(-1) & torch.isfinite(qvel).all(-1)
+        self.qpos = torch.nan_to_num(qpos, nan=0.0, posinf=0.0, neginf=0.0)
+        self.qvel = torch.nan_to_num(qvel, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def critic_obs(self) -> torch.Tensor:
+        x, theta = self.qpos[:, 0], self.qpos[:, 1]
+        xdot, thetadot = self.qvel[:, 0], self.qvel[:, 1]
+        return torch.stack([x, xdot, torch.sin(theta), torch.cos(theta), thetadot], dim=-1)
+
+    def pole_angle(self) -> torch.Tensor:
+        """Wrapped pole angle (0 = upright), detached: for success metrics."""
+        return wrap_angle(self.qpos[:, 1].detach())
+
+    # ----------------------------------------------------------------------------------------------- step
+    def step(self, actions: torch.Tensor):
+        """Apply `actions` in [-1, 1] as cart forces for one control step (1/60 s).
+
+        Returns (reward, terminated, truncated), each (N,). `reward` is differentiable w.r.t. the actions.
+        """
+        force = actions.clamp(-1.0, 1.0).reshape(self.num_envs, 1) * self.force_limit
+        # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
+        self.robot.control_dofs_force(force.to(self.float_dtype), self.motor_dofs)
+        self.scene.step()
+        self.progress += 1
+        self._read_state()
+        x, theta = self.qpos[:, 0], self.qpos[:, 1]
+        reward = cartpole_reward(x, self.qvel[:, 0], theta, self.qvel[:, 1])
+        blown_up = ~self.finite | self.rigid.get_error_envs_mask().to(self.device) | (self.qpos.abs() > 1e6).any(-1)
+        terminated = (x.detach().abs() > self.track_limit) | blown_up
+        truncated = (self.progress >= self.max_episode_length) & ~terminated
+        return reward, terminated, truncated
+
+    # ----------------------------------------------------------------------------------------------- resets
+    def reset(self, env_ids: torch.Tensor | None = None):
+        """Random start for `env_ids` (all if None), then cut the gradient tape. Call only between windows."""
+        if env_ids is None:
+            env_ids = torch.arange(self.num_envs, device=self.device)
+        env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
+        n = len(env_ids)
+        qpos = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * self.start_qpos_noise
+        qpos[:, 1] -= math.pi
+        qvel = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * self.start_qvel_noise
+        self.set_state(qpos, qvel, env_ids)
+
+    def set_state(self, qpos: torch.Tensor, qvel: torch.Tensor, env_ids: torch.Tensor | None = None):
+        """Put `env_ids` (all if None) at ([x, theta], [xdot, thetadot]), episode step 0; cuts the gradient tape."""
+        if env_ids is None:
+            env_ids = torch.arange(self.num_envs, device=self.device)
+        if len(env_ids) > 0:
+            with torch.no_grad():
+                self.robot.set_dofs_position(qpos.to(self.float_dtype), self.dofs, envs_idx=env_ids, zero_velocity=False)
+                self.robot.set_dofs_velocity(qvel.to(self.float_dtype), self.dofs, envs_idx=env_ids)
+            self.progress[env_ids] = 0
+        self.cut_graph()
+
+    def cut_graph(self):
+        """Start a new gradient tape from the current state (SHAC's `initialize_trajectory`).
+
+        Under torch.no_grad() nothing is taped, and Genesis's get_state/reset round trip crashes there: skip it.
+        After steps taken under no_grad the tape's token carries no grad and get_state() would raise: renew it first.
+        """
+        if torch.is_grad_enabled():
+            self.scene.sim.reset_grad()
+            self.scene.reset(self.scene.get_state())
+        self._read_state()
+
+    def backward(self, loss: torch.Tensor):
+        """Back-propagate `loss` through the simulated window; the scene stays at the window's end state."""
+        self.scene.backward(loss)
+
+    def snapshot(self):
+        """Everything needed to put the batch back where it is (for evaluation in the training scene)."""
+        return self.scene.get_state(), self.progress.clone()
+
+    def restore(self, snapshot):
+        state, progress = snapshot
+        self.scene.reset(state)
+        self.progress = progress.clone()
+        self._read_state()
+
+    # ----------------------------------------------------------------------------------------------- images
+    @torch.no_grad()
+    def render(self) -> torch.Tensor:
+        """One RGB image per env, (N, H, W, 3) uint8 on the task's device."""
+        if self.camera is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        rgb = self.camera.render(rgb=True)[0]
+        rgb = torch.as_tensor(np.asarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
+        if rgb.dim() == 3:  # a single env comes back without the batch axis
+            rgb = rgb.unsqueeze(0)
+        return rgb[..., :3].to(torch.uint8)

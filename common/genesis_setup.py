@@ -1,0 +1,63 @@
+"""Starting Genesis once per process, on the device the user asked for, and choosing a renderer."""
+
+import torch
+
+_STARTED_ON = None
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map `auto | cpu | cuda` to a torch device; `cuda` without a GPU is an error, not a silent fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown --device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_renderer(renderer: str, device: torch.device) -> str:
+    """`auto` gives Genesis's BatchRenderer (Madrona) on CUDA and the OpenGL Rasterizer on the CPU."""
+    if renderer not in ("auto", "batch", "rasterizer"):
+        raise ValueError(f"unknown --renderer {renderer!r}: choose auto, batch or rasterizer")
+    if renderer == "batch" and device.type != "cuda":
+        raise ValueError("--renderer batch needs CUDA (Genesis's BatchRenderer runs on the GPU only)")
+    if renderer == "auto":
+        renderer = "batch" if device.type == "cuda" else "rasterizer"
+    return renderer
+
+
+def disable_msaa():
+    """Turn off the Rasterizer's 4x multisampling, which costs 20-40 % of a CPU (llvmpipe) render.
+
+    Genesis has no option for it: its pyrender asks OpenGL for GL_MAX_SAMPLES when it creates its framebuffers, so we
+    make that query answer 0 (plain, single-sample buffers). Must run before the first render.
+    """
+    import genesis.ext.pyrender.renderer as pyrender_renderer
+    from OpenGL.GL import GL_MAX_SAMPLES
+
+    original = pyrender_renderer.glGetIntegerv
+    if getattr(original, "_msaa_disabled", False):
+        return
+
+    def gl_get_integerv(pname, *args):
+        return 0 if pname == GL_MAX_SAMPLES else original(pname, *args)
+
+    gl_get_integerv._msaa_disabled = True
+    pyrender_renderer.glGetIntegerv = gl_get_integerv
+
+
+def init_genesis(device: torch.device, precision: str = "32"):
+    """`gs.init` once per process (a second call raises in Genesis); later calls must ask for the same set-up."""
+    global _STARTED_ON
+    import genesis as gs
+
+    wanted = (device.type, precision)
+    if _STARTED_ON is not None:
+        if _STARTED_ON != wanted:
+            raise RuntimeError(f"Genesis already runs with {_STARTED_ON}; cannot switch to {wanted} in one process")
+        return gs
+    gs.init(backend=gs.cuda if device.type == "cuda" else gs.cpu, precision=precision, logging_level="warning")
+    disable_msaa()
+    _STARTED_ON = wanted
+    return gs

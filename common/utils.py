@@ -1,0 +1,121 @@
+"""Small helpers shared by every script: seeding, run folders, normalisers, frame stacks, checkpoints."""
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def seed_everything(seed: int, deterministic: bool = False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def run_name(task: str, exp_name: str, seed: int) -> str:
+    """CleanRL's run naming: `{task}__{exp_name}__{seed}__{unix_time}`."""
+    return f"{task}__{exp_name}__{seed}__{int(time.time())}"
+
+
+def hparams_table(args) -> str:
+    """All arguments as a markdown table, for `writer.add_text("hyperparameters", ...)`."""
+    rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    return f"|param|value|\n|-|-|\n{rows}"
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance over a batch axis (parallel-merge formula), kept as buffers so they checkpoint."""
+
+    def __init__(self, shape: tuple[int, ...], epsilon: float = 1e-4):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.tensor(epsilon))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor):
+        x = x.reshape(-1, *self.mean.shape).to(self.mean)
+        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable in x (no clipping, which would zero the gradient); the statistics are constants."""
+        return (x - self.mean) / torch.sqrt(self.var + 1e-5)
+
+
+class FrameStack:
+    """The last `k` RGB frames of every env as one uint8 tensor (N, 3k, H, W), oldest first."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.frames = None
+
+    def reset(self, frames: torch.Tensor, env_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill the stack of `env_ids` (all if None) with k copies of their first frame (N, H, W, 3)."""
+        chw = frames.permute(0, 3, 1, 2)
+        if self.frames is None or env_ids is None:
+            self.frames = chw.repeat(1, self.k, 1, 1).contiguous()
+        elif len(env_ids) > 0:
+            self.frames[env_ids] = chw[env_ids].repeat(1, self.k, 1, 1)
+        return self.frames
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """Drop the oldest frame of every env and append `frames` (N, H, W, 3); returns a new tensor."""
+        self.frames = torch.cat([self.frames[:, 3:], frames.permute(0, 3, 1, 2)], dim=1)
+        return self.frames
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def upscale(frames: np.ndarray, min_width: int = 256) -> np.ndarray:
+    """Nearest-neighbour upscaling of (T, H, W, 3) frames so that tiny training images are visible in a video."""
+    factor = max(1, -(-min_width // frames.shape[2]))
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def write_video(frames: np.ndarray, path: Path, writer=None, tag: str = "videos/eval", step: int = 0, fps: int = 30):
+    """Save (T, H, W, 3) uint8 frames as mp4, and as an animated GIF in TensorBoard if a writer is given.
+
+    TensorBoard's own `add_video` needs `moviepy.editor`, which moviepy 2 removed, so we encode the GIF ourselves.
+    """
+    import imageio.v2 as imageio
+    from torch.utils.tensorboard.summary import Summary
+
+    frames = upscale(np.asarray(frames, dtype=np.uint8))
+    frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # even sizes for H.264
+    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+    if writer is not None:
+        gif = imageio.mimwrite("<bytes>", list(frames[::2]), format="GIF", duration=2000 / fps, loop=0)
+        image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

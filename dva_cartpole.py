@@ -1,0 +1,462 @@
+"""D.Va on visual cart-pole swing-up (Genesis): the decoupled visual-based analytical policy gradient.
+
+Xu et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646).
+SHAC's short-horizon actor-critic loop with an actor that sees stacked RGB frames. The frames are rendered without
+gradient, so the policy gradient reaches the actor only through its actions -> differentiable dynamics -> rewards
+and the terminal value. The critic sees the simulator state (privileged, training only).
+
+    python dva_cartpole.py                      # the paper's settings: 64 envs, H = 32, 84 x 84 px, 3 frames
+    python dva_cartpole.py --obs state          # the same loop on the state: plain SHAC (reference and expert)
+"""
+
+import os
+import sys
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+from common.encoder import Encoder
+from common.utils import FrameStack
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of torch, numpy, python and the task's start states"""
+    device: str = "auto"
+    """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
+    renderer: str = "auto"
+    """auto | batch | rasterizer: Genesis renderer (auto: BatchRenderer on CUDA, Rasterizer on CPU)"""
+    obs: Literal["pixels", "state"] = "pixels"
+    """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
+    num_envs: int = 64
+    """number of parallel envs"""
+    horizon: int = 32
+    """short horizon H: simulation steps per actor update"""
+    max_iters: int = 0
+    """training iterations (one = num_envs x horizon steps); 0 = the paper's: 4000 for pixels, 500 for state"""
+    max_minutes: float = 0.0
+    """stop after this many minutes of wall clock (0 = no limit); learning rates still decay over max_iters"""
+    image_size: int = 84
+    """image height in pixels (and width, unless --image-width is given)"""
+    image_width: int = 0
+    """image width in pixels (0 = square images)"""
+    frame_stack: int = 3
+    """number of stacked frames the actor sees"""
+    actor_hidden: tuple[int, ...] = (64, 64)
+    """actor MLP widths (with pixels, a trunk of the first width comes before them)"""
+    critic_hidden: tuple[int, ...] = (64, 64)
+    """critic MLP widths"""
+    actor_lr: float = 0.0
+    """actor (and encoder) learning rate; 0 = the paper's: 2e-3 for pixels, 1e-2 for state"""
+    critic_lr: float = 0.0
+    """critic learning rate; 0 = the paper's: 2e-4 for pixels, 1e-3 for state"""
+    min_lr: float = 1e-5
+    """both learning rates decay linearly to this over max_iters"""
+    betas: tuple[float, float] = (0.7, 0.95)
+    """Adam betas of both optimisers"""
+    gamma: float = 0.99
+    """discount"""
+    lam: float = 0.95
+    """TD(lambda) parameter of the critic targets"""
+    critic_iterations: int = 16
+    """passes over the window's data per critic update"""
+    critic_minibatches: int = 4
+    """minibatches per pass"""
+    target_alpha: float = 0.2
+    """target critic smoothing: target = alpha * target + (1 - alpha) * critic"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip of actor and critic"""
+    eval_every: int = 25
+    """evaluate the deterministic policy every this many iterations (0 = only at the end)"""
+    log_every: int = 10
+    """print a console line every this many iterations"""
+    save_every: int = 100
+    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, and on Ctrl-C)"""
+    resume: str | None = None
+    """continue training from this checkpoint (iteration count, optimisers, schedules)"""
+    eval_only: str | None = None
+    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video"""
+    capture_video: bool = False
+    """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+
+def finalize_args(args: Args) -> Args:
+    """Fill the paper's defaults that depend on --obs and reject bad input before anything is built."""
+    pixels = args.obs == "pixels"
+    args.max_iters = args.max_iters or (4000 if pixels else 500)
+    args.actor_lr = args.actor_lr or (2e-3 if pixels else 1e-2)
+    args.critic_lr = args.critic_lr or (2e-4 if pixels else 1e-3)
+    args.image_width = args.image_width or args.image_size
+    problems = []
+    if args.num_envs < 1:
+        problems.append(f"--num-envs must be >= 1 (got {args.num_envs})")
+    if args.horizon < 1:
+        problems.append(f"--horizon must be >= 1 (got {args.horizon})")
+    if args.max_iters < 1:
+        problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
+    if pixels and min(args.image_size, args.image_width) < 15:
+        problems.append(f"--image-size/--image-width must be >= 15 px for the encoder (got {args.image_size}x{args.image_width})")
+    if args.frame_stack < 1:
+        problems.append(f"--frame-stack must be >= 1 (got {args.frame_stack})")
+    if args.critic_minibatches < 1 or args.critic_iterations < 0:
+        problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
+    if args.renderer not in ("auto", "batch", "rasterizer"):
+        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch or rasterizer")
+    for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{flag}: no checkpoint file at {path}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------- networks
+def mlp(in_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    """Linear -> ELU -> LayerNorm per hidden layer (SHAC's and D.Va's MLPs)."""
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ELU(), nn.LayerNorm(width)]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Gaussian policy with tanh squashing. With pixels: encoder -> trunk (Linear, LayerNorm, Tanh) -> MLP."""
+
+    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        if len(obs_shape) == 3:
+            self.encoder = Encoder(obs_shape)
+            self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
+            in_dim = hidden[0]
+        else:
+            self.encoder, self.trunk, in_dim = nn.Identity(), nn.Identity(), obs_shape[0]
+        self.mlp = mlp(in_dim, hidden)
+        self.mu = nn.Linear(hidden[-1], act_dim)
+        self.logstd = nn.Parameter(torch.full((act_dim,), -1.0))
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        mu = self.mu(self.mlp(self.trunk(self.encoder(obs))))
+        if deterministic:
+            return torch.tanh(mu)
+        return torch.tanh(mu + self.logstd.exp() * torch.randn_like(mu))
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(mlp(obs_dim, hidden), nn.Linear(hidden[-1], 1))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------- algorithm
+def actor_input(task, frames, obs_rms, pixels: bool) -> torch.Tensor:
+    """Stacked frames (uint8, no gradient: the decoupling) or the normalised state (SHAC: with gradient)."""
+    if pixels:
+        return frames.push(task.render())
+    return obs_rms.normalize(task.critic_obs())
+
+
+def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
+    """Simulate H steps of every env and build SHAC's actor loss.
+
+    Returns the loss (to be back-propagated through the simulator) and the window's detached data for the critic.
+    An env that ends inside the window (termination or time limit) closes its return there and is masked for the rest
+    of the window; it is reset at the boundary, because a mid-window reset is not gradient-safe in Genesis.
+    """
+    n, h, pixels = task.num_envs, args.horizon, args.obs == "pixels"
+    obs_buf = torch.zeros(h, n, task.critic_obs_dim, device=task.device)
+    rew_buf, next_value_buf = torch.zeros(h, n, device=task.device), torch.zeros(h, n, device=task.device)
+    done_buf = torch.zeros(h, n, dtype=torch.bool, device=task.device)
+    valid_buf = torch.zeros_like(done_buf)
+    alive = torch.ones(n, dtype=torch.bool, device=task.device)
+    discount, rew_acc = torch.ones(n, device=task.device), torch.zeros(n, device=task.device)
+    actor_loss = torch.zeros((), device=task.device)
+    render_s = 0.0
+    for t in range(h):
+        obs_buf[t] = task.critic_obs().detach()
+        valid_buf[t] = alive
+        start = time.perf_counter()
+        obs = actor_input(task, frames, obs_rms, pixels)
+        render_s += time.perf_counter() - start
+        reward, terminated, truncated = task.step(actor(obs))
+        # V'(s_{t+1}) from the target critic: zero after an early termination, the state's value after a time limit.
+        next_value = torch.where(terminated, 0.0, target_critic(obs_rms.normalize(task.critic_obs())))
+        ends = alive & (terminated | truncated)
+        closes = alive if t == h - 1 else ends  # whose discounted return is complete at this step
+        rew_acc = rew_acc + discount * torch.where(alive, reward, 0.0)
+        actor_loss = actor_loss - torch.where(closes, rew_acc + args.gamma * discount * next_value, 0.0).sum()
+        discount = discount * args.gamma
+
+        rew_buf[t], next_value_buf[t] = reward.detach(), next_value.detach()
+        done_buf[t] = ends | (t == h - 1)
+        episode["return"] += torch.where(alive, reward.detach(), 0.0)
+        episode["length"] += alive.long()
+        episode["ended"] |= ends
+        alive = alive & ~ends
+    return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
+
+
+def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
+    """TD(lambda) returns over a window (H, N), vectorised over envs, as in SHAC; dones[H-1] must be 1.
+
+    At a done step the return bootstraps on next_values (0 after an early termination) and nothing later leaks in.
+    """
+    h, n = rewards.shape
+    targets = torch.zeros_like(rewards)
+    weight, a, b = (torch.zeros(n, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
+    for t in reversed(range(h)):
+        d = dones[t].to(rewards.dtype)
+        weight = weight * lam * (1 - d) + d
+        a = (1 - d) * (lam * gamma * a + gamma * next_values[t] + (1 - weight) / (1 - lam) * rewards[t])
+        b = gamma * (next_values[t] * d + b * (1 - d)) + rewards[t]
+        targets[t] = (1 - lam) * a + weight * b
+    return targets
+
+
+def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
+    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches."""
+    states = obs_rms.normalize(states)
+    batch = max(1, len(states) // args.critic_minibatches)
+    loss = torch.zeros(())
+    for _ in range(args.critic_iterations):
+        perm = torch.randperm(len(states), device=states.device)
+        for i in range(args.critic_minibatches):
+            idx = perm[i * batch : (i + 1) * batch]
+            loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+            critic_opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            critic_opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, alpha: float):
+    for tp, sp in zip(target.parameters(), source.parameters()):
+        tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+
+
+def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
+    """One episode per env with the mean action; the training batch is put back afterwards.
+
+    Returns (mean return, success rate, frames of env 0 or None). Success: the pole stays within 0.3 rad of upright
+    over the last 60 steps, and the episode ran to its time limit.
+    """
+    pixels = args.obs == "pixels"
+    snapshot = task.snapshot()
+    video, frames, render = [], FrameStack(args.frame_stack), pixels or capture_video
+    with torch.no_grad():
+        task.reset()
+        image = task.render() if render else None
+        if pixels:
+            frames.reset(image)
+        returns = torch.zeros(task.num_envs, device=task.device)
+        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
+        upright = torch.ones_like(alive)
+        for t in range(task.max_episode_length):
+            if capture_video:
+                video.append(image[0].cpu().numpy())
+            obs = frames.frames if pixels else obs_rms.normalize(task.critic_obs())
+            reward, terminated, _ = task.step(actor(obs, deterministic=True))
+            returns += torch.where(alive, reward, 0.0)
+            alive &= ~terminated
+            if t >= task.max_episode_length - 60:
+                upright &= task.pole_angle().abs() < 0.3
+            if render:
+                image = task.render()
+                if pixels:
+                    frames.push(image)
+    task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
+    clip = np.stack(video) if capture_video else None
+    return returns.mean().item(), (alive & upright).float().mean().item(), clip
+
+
+def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
+    return base + (min_lr - base) * min(iteration / max_iters, 1.0)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        args = finalize_args(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from common.cartpole import CartpoleTask
+    from common.genesis_setup import resolve_device, resolve_renderer
+    from common.utils import (RunningMeanStd, hparams_table, rng_state, run_name, save_checkpoint, seed_everything,
+                              set_rng_state, write_video)
+
+    try:
+        device = resolve_device(args.device)
+        renderer = resolve_renderer(args.renderer, device)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    seed_everything(args.seed)
+    pixels = args.obs == "pixels"
+    checkpoint = torch.load(args.resume or args.eval_only, map_location=device, weights_only=False) \
+        if (args.resume or args.eval_only) else None
+    if checkpoint is not None and checkpoint["args"]["obs"] != args.obs:
+        sys.exit(f"error: the checkpoint was trained with --obs {checkpoint['args']['obs']}, not --obs {args.obs}")
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    image_size = (args.image_size, args.image_width)
+    task = CartpoleTask(args.num_envs, device, image_size=image_size if (pixels or args.capture_video or args.eval_only)
+                        else None, renderer=renderer, seed=args.seed)
+    obs_shape = (3 * args.frame_stack, *image_size) if pixels else (task.critic_obs_dim,)
+    actor = Actor(obs_shape, task.act_dim, args.actor_hidden).to(device)
+    critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
+    target_critic = deepcopy(critic).requires_grad_(False)
+    obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=args.betas)
+    start_iter, global_step = 1, 0
+    if checkpoint is not None:
+        try:
+            for module, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
+                                (obs_rms, "obs_rms")):
+                module.load_state_dict(checkpoint[key])
+        except (RuntimeError, KeyError) as error:
+            sys.exit(f"error: the checkpoint does not fit these settings (image size, widths?): {error}")
+
+    if args.eval_only:
+        ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=True)
+        out = Path(args.eval_only).with_name("eval_only.mp4")
+        write_video(clip, out)
+        print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, success {success:.2f}; video: {out}")
+        sys.exit(0)
+
+    if checkpoint is not None:
+        actor_opt.load_state_dict(checkpoint["actor_opt"])
+        critic_opt.load_state_dict(checkpoint["critic_opt"])
+        start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+        set_rng_state(checkpoint["rng"])
+        task.generator.set_state(checkpoint["task_rng"])
+        run_dir = Path(args.resume).parent
+    else:
+        run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", hparams_table(args))
+    print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}")
+
+    def save(iteration: int):
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
+            "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "iteration": iteration, "global_step": global_step, "rng": rng_state(),
+            "task_rng": task.generator.get_state(), "args": vars(args),
+        })
+
+    # ------------------------------------------------------------------------------------------------ training loop
+    frames = FrameStack(args.frame_stack)
+    if pixels:
+        frames.reset(task.render())
+    episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
+               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    recent_returns, nan_skips, iteration = [], 0, start_iter - 1
+    start_time = time.time()
+    try:
+        for iteration in range(start_iter, args.max_iters + 1):
+            iter_start = time.perf_counter()
+            for opt, base in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+                for group in opt.param_groups:
+                    group["lr"] = linear_lr(base, args.min_lr, iteration - 1, args.max_iters)
+
+            # Rollout: H differentiable steps and the actor loss.
+            start = time.perf_counter()
+            actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
+                task, actor, target_critic, obs_rms, frames, args, episode)
+            forward_s = time.perf_counter() - start - render_s
+
+            # Actor update: back-propagate through rewards, critic, dynamics and actions (not through images).
+            start = time.perf_counter()
+            actor_opt.zero_grad()
+            if torch.isfinite(actor_loss):
+                task.backward(actor_loss)
+                grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+            else:
+                grad_norm = torch.tensor(float("nan"))
+            if torch.isfinite(grad_norm):
+                actor_opt.step()
+            else:  # a non-finite loss or gradient skips the update; the envs that blew up are reset below
+                nan_skips += 1
+                task.cut_graph()
+            backward_s = time.perf_counter() - start
+
+            # Critic update on the window's states with TD(lambda) targets.
+            start = time.perf_counter()
+            obs_rms.update(states[valid])
+            targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
+            critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+            soft_update(target_critic, critic, args.target_alpha)
+            critic_s = time.perf_counter() - start
+
+            # Bookkeeping and the resets of ended envs, at the window boundary.
+            global_step += args.num_envs * args.horizon
+            ended = episode["ended"].nonzero().flatten()
+            for i in ended.tolist():
+                recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
+                writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
+                writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
+            for v in episode.values():
+                v[ended] = 0
+            task.reset(ended)
+            if pixels and len(ended) > 0:
+                frames.reset(task.render(), ended)
+            iteration_s = time.perf_counter() - iter_start
+
+            elapsed = time.time() - start_time
+            sps = int((iteration - start_iter + 1) * args.num_envs * args.horizon / elapsed)
+            for tag, value in (("losses/actor_loss", actor_loss.item()), ("losses/critic_loss", critic_loss),
+                               ("grads/actor_grad_norm", grad_norm.item()), ("charts/SPS", sps),
+                               ("charts/learning_rate", actor_opt.param_groups[0]["lr"]), ("charts/nan_skips", nan_skips),
+                               ("charts/wall_minutes", elapsed / 60),
+                               ("time/render_s", render_s), ("time/forward_s", forward_s),
+                               ("time/backward_s", backward_s), ("time/critic_s", critic_s),
+                               ("time/iteration_s", iteration_s)):
+                writer.add_scalar(tag, value, global_step)
+            out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
+            last = iteration == args.max_iters or out_of_time
+            if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
+                ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=args.capture_video)
+                writer.add_scalar("charts/eval_return", ret, global_step)
+                writer.add_scalar("charts/eval_success", success, global_step)
+                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, success {success:.2f}")
+                if clip is not None:
+                    write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
+            if iteration % args.log_every == 0 or last:
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)
+                print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
+                      f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min")
+            if iteration % args.save_every == 0:
+                save(iteration)
+            if out_of_time:
+                print(f"stopping: --max-minutes {args.max_minutes} reached")
+                break
+    except KeyboardInterrupt:
+        print("interrupted: saving the checkpoint")
+    save(iteration)
+    writer.close()
+    print(f"checkpoint: {run_dir / 'checkpoint.pt'}")

@@ -1,0 +1,112 @@
+"""The cart-pole task: rewards, terminations, the camera and the simulator's gradient."""
+
+import math
+
+import pytest
+import torch
+
+from common.cartpole import cartpole_reward, wrap_angle
+
+
+def test_wrap_angle_at_plus_minus_pi():
+    theta = torch.tensor([0.0, math.pi - 1e-3, math.pi + 1e-3, -math.pi - 1e-3, 3 * math.pi + 0.5, -0.2])
+    expected = torch.tensor([0.0, math.pi - 1e-3, -math.pi + 1e-3, math.pi - 1e-3, -math.pi + 0.5, -0.2])
+    assert torch.allclose(wrap_angle(theta), expected, atol=1e-5)
+
+
+def test_reward_hand_computed():
+    # theta = 3.5 wraps to 3.5 - 2 pi = -2.78319.
+    x, xdot, theta, thetadot = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]), torch.tensor([3.5, 0.0]), \
+        torch.tensor([1.0, 0.0])
+    expected = torch.tensor([10 - (3.5 - 2 * math.pi) ** 2 - 0.1 * 1.0 - 0.05 * 1.0 - 0.1 * 4.0, 10.0])
+    assert torch.allclose(cartpole_reward(x, xdot, theta, thetadot), expected, atol=1e-5)
+
+
+def test_step_reward_termination_and_time_limit(task):
+    qpos = torch.tensor([[0.0, 0.0], [2.6, 0.0], [-2.49, math.pi], [1.0, 3.5]])
+    qvel = torch.zeros(4, 2)
+    task.set_state(qpos, qvel)
+    with torch.no_grad():
+        reward, terminated, truncated = task.step(torch.zeros(4, 1))
+    # One step of 1/60 s from rest moves nothing measurably but the hanging/tilted poles; recompute by hand.
+    x, th = task.qpos[:, 0], task.qpos[:, 1]
+    xd, thd = task.qvel[:, 0], task.qvel[:, 1]
+    by_hand = [10 - ((th[i].item() + math.pi) % (2 * math.pi) - math.pi) ** 2 - 0.1 * thd[i].item() ** 2
+               - 0.05 * x[i].item() ** 2 - 0.1 * xd[i].item() ** 2 for i in range(4)]
+    assert torch.allclose(reward, torch.tensor(by_hand), atol=1e-4)
+    assert reward[0].item() == pytest.approx(10.0, abs=1e-3)  # upright, centred, at rest
+    assert terminated.tolist() == [False, True, False, False]  # |x| > 2.5 ends the episode
+    assert not truncated.any()
+    task.progress[:] = task.max_episode_length - 1
+    with torch.no_grad():
+        _, terminated, truncated = task.step(torch.zeros(4, 1))
+    assert truncated.tolist() == [True, False, True, True]  # the terminated env is not also truncated
+    task.reset()
+    assert (task.progress == 0).all()
+    assert (wrap_angle(task.qpos[:, 1]).abs() > math.pi - math.pi / 12 - 1e-4).all()  # starts hanging down
+
+
+def test_camera_sees_the_cart_move(task):
+    """The blue cart's pixel centroid moves right with x, and the images carry no gradient."""
+    task.set_state(torch.tensor([[-1.5, 0.0], [0.0, 0.0], [1.5, 0.0], [0.0, -math.pi]]), torch.zeros(4, 2))
+    images = task.render()
+    assert images.shape == (4, 32, 64, 3) and images.dtype == torch.uint8
+    assert not images.requires_grad and images.grad_fn is None
+    img = images.float()
+    blue = (img[..., 2] > 150) & (img[..., 0] < 120)
+    cols = torch.arange(64).float()
+    centroid = [(blue[i].float().sum(0) * cols).sum() / blue[i].sum() for i in range(3)]
+    assert blue[:3].flatten(1).sum(1).min() > 4
+    # |x| = 2.8 m fills half the width (32 px): 1.5 m is about 17 px.
+    assert centroid[0] < 31.5 - 12 and abs(centroid[1] - 31.5) < 3 and centroid[2] > 31.5 + 12
+    orange = (img[..., 0] > 150) & (img[..., 2] < 100)
+    rows = torch.arange(32).float()
+    up_row = (orange[1].float().sum(1) * rows).sum() / orange[1].sum()
+    down_row = (orange[3].float().sum(1) * rows).sum() / orange[3].sum()
+    assert up_row < 14 and down_row > 18  # the upright pole is drawn above the rail, the hanging one below
+
+
+def window_loss(task, qpos, qvel, actions):
+    """Sum of rewards over the window, each env's stopping at its termination (as in the D.Va loss)."""
+    task.set_state(qpos, qvel)
+    alive = torch.ones(task.num_envs, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float64)
+    for t in range(actions.shape[0]):
+        reward, terminated, _ = task.step(actions[t].unsqueeze(-1))
+        loss = loss + torch.where(alive, reward, 0.0).double().sum()
+        alive = alive & ~terminated
+    return loss
+
+
+def test_gradient_matches_finite_differences_with_a_termination(task):
+    """d(sum of rewards over 10 steps)/d(actions), autograd through Genesis vs central differences (fp32)."""
+    steps = 10
+    # Env 1 starts near the track's end moving outwards: it terminates at step 5 (|x| > 2.5).
+    qpos = torch.tensor([[0.3, -2.8], [2.3, 0.2], [-0.5, 0.1], [0.0, 3.0]])
+    qvel = torch.tensor([[0.5, 1.0], [3.0, 0.0], [-0.2, -0.5], [0.0, 0.3]])
+    actions = 0.05 * torch.randn(steps, 4, generator=torch.Generator().manual_seed(0))
+
+    a = actions.clone().requires_grad_(True)
+    loss = window_loss(task, qpos, qvel, a)
+    task.backward(loss)
+    grad = a.grad.clone()
+
+    eps = 1e-2
+    fd = torch.zeros_like(actions)
+    with torch.no_grad():
+        for t in range(steps):
+            for i in range(4):
+                plus, minus = actions.clone(), actions.clone()
+                plus[t, i] += eps
+                minus[t, i] -= eps
+                fd[t, i] = (window_loss(task, qpos, qvel, plus) - window_loss(task, qpos, qvel, minus)) / (2 * eps)
+    task.cut_graph()
+
+    with torch.no_grad():  # where env 1 ended, by replaying the window
+        task.set_state(qpos, qvel)
+        ended_at = next(t for t in range(steps) if task.step(actions[t].unsqueeze(-1))[1][1])
+    assert 2 <= ended_at <= steps - 3, "the test window must contain env 1's termination"
+    assert (grad[ended_at + 1 :, 1] == 0).all(), "post-termination steps must contribute exactly zero gradient"
+    assert grad[: ended_at + 1, 1].abs().min() > 0
+    rel_err = ((grad - fd).norm() / fd.norm()).item()
+    assert rel_err <= 1e-3, f"relative error {rel_err:.2e}"
