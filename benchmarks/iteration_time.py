@@ -1,0 +1,132 @@
+"""Where the time of one D.Va iteration goes: render, encoder, simulation forward/backward, critic.
+
+    python benchmarks/iteration_time.py --config cpu      # the README's CPU run: 32 envs, 32 x 64 px
+    python benchmarks/iteration_time.py --config paper    # the paper's: 64 envs, 84 x 84 px
+
+Runs a few warm iterations of the real training step (the functions of dva_cartpole.py, with timers around the
+renderer, the actor and the simulator), prints a table and writes results/iteration_time_<config>.json.
+`backward_s` is the whole `scene.backward` (simulator and actor); the actor's share of it is measured by a separate
+backward of the actor alone on the same frames (`encoder_actor_backward_s`), and the rest is `sim_backward_s`.
+"""
+
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.cartpole import CartpoleTask  # noqa: E402
+from common.genesis_setup import resolve_device, resolve_renderer  # noqa: E402
+from common.utils import FrameStack, RunningMeanStd  # noqa: E402
+from dva_cartpole import Actor, Args, Critic, rollout_window, td_lambda_targets, update_critic  # noqa: E402
+
+CONFIGS = {"cpu": dict(num_envs=32, image_size=32, image_width=64), "paper": dict(num_envs=64, image_size=84)}
+
+
+@dataclass
+class BenchArgs:
+    config: Literal["cpu", "paper"] = "cpu"
+    """cpu: the README's CPU run; paper: 64 envs at 84 x 84"""
+    iters: int = 5
+    """timed iterations (after 2 warm-up iterations)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    out: str = "results"
+    """folder for the JSON"""
+
+
+def timed(fn, timer, key, inputs=None):
+    """Wrap `fn` so that its seconds add up in timer[key] (and its calls in timer[key + "_calls"])."""
+    def wrapper(*args, **kwargs):
+        if inputs is not None:
+            inputs.append(args[0])
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timer[key] += time.perf_counter() - start
+        timer[key + "_calls"] += 1
+        return out
+    return wrapper
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(BenchArgs)
+    args = Args(**CONFIGS[bench.config])
+    args.image_width = args.image_width or args.image_size
+    device = resolve_device(bench.device)
+    renderer = resolve_renderer("auto", device)
+    task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer)
+    actor = Actor((3 * args.frame_stack, args.image_size, args.image_width), task.act_dim, args.actor_hidden).to(device)
+    critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
+    target = Critic(task.critic_obs_dim, args.critic_hidden).to(device).requires_grad_(False)
+    obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=2e-3, betas=args.betas)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=args.betas)
+    args.obs = "pixels"
+
+    timer = defaultdict(float)
+    task.render = timed(task.render, timer, "render_s")
+    task.step = timed(task.step, timer, "sim_forward_s")
+    actor_forward, stacked = actor.forward, []
+    actor.forward = timed(actor_forward, timer, "encoder_actor_forward_s", inputs=stacked)
+    frames = FrameStack(args.frame_stack)
+    frames.reset(task.render())
+    rows = []
+    for it in range(2 + bench.iters):
+        timer.clear()
+        stacked.clear()
+        episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
+                   for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+        start = time.perf_counter()
+        loss, (states, rewards, next_values, dones, valid), _ = rollout_window(
+            task, actor, target, obs_rms, frames, args, episode)
+        t0 = time.perf_counter()
+        actor_opt.zero_grad()
+        task.backward(loss)
+        torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
+        actor_opt.step()
+        timer["backward_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        obs_rms.update(states[valid])
+        targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
+        update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+        timer["critic_s"] = time.perf_counter() - t0
+        ended = episode["ended"].nonzero().flatten()
+        task.reset(ended)
+        frames.reset(task.render(), ended)
+        total = time.perf_counter() - start
+        # The actor's (mostly the encoder's) share of the backward: the actor alone on the same frames, step by step
+        # as in the rollout, with a random output gradient; the rest of `backward_s` is the simulator's.
+        actor_backward = 0.0
+        for obs in stacked:
+            actions = actor_forward(obs)
+            t0 = time.perf_counter()
+            actions.backward(torch.randn_like(actions))
+            actor_backward += time.perf_counter() - t0
+        parts = ["render_s", "encoder_actor_forward_s", "sim_forward_s", "backward_s", "critic_s"]
+        row = {k: timer[k] for k in parts}
+        row["iteration_s"] = total
+        row["overhead"] = total / sum(row[k] for k in parts)
+        row["ms_per_image"] = 1000 * timer["render_s"] / (timer["render_s_calls"] * args.num_envs)
+        row["encoder_actor_backward_s"] = actor_backward
+        if it >= 2:
+            rows.append(row)
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    mean["sim_backward_s"] = mean["backward_s"] - mean["encoder_actor_backward_s"]
+    result = {"config": bench.config, "num_envs": args.num_envs, "horizon": args.horizon,
+              "image": [args.image_size, args.image_width], "device": str(device), "renderer": renderer,
+              "torch_threads": torch.get_num_threads(), "iters": bench.iters, "mean": mean}
+    print(f"{bench.config}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
+          f"{device}, {renderer}")
+    for k, v in mean.items():
+        print(f"  {k:32s} {v:8.3f}")
+    out = ROOT / bench.out
+    out.mkdir(exist_ok=True)
+    (out / f"iteration_time_{bench.config}.json").write_text(json.dumps(result, indent=2))

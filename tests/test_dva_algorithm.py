@@ -1,0 +1,186 @@
+"""The pieces of dva_cartpole.py that can be checked exactly: TD(lambda), the decoupled gradient, SHAC's loss."""
+
+import math
+from copy import deepcopy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from common.encoder import Encoder
+from common.utils import FrameStack, RunningMeanStd
+from dva_cartpole import Actor, Critic, rollout_window, td_lambda_targets
+
+
+def lambda_return_by_definition(rewards, next_values, dones, gamma, lam, t):
+    """G^lambda_t = (1 - lam) sum_{n>=1} lam^(n-1) G^(n)_t, where every n-step return past the first done step k
+    equals the full return to k (bootstrapped on next_values[k]); the weights of those sum to lam^(m-1)."""
+    k = next(j for j in range(t, len(rewards)) if dones[j])
+    m = k - t + 1
+
+    def n_step(n):
+        return sum(gamma**j * rewards[t + j] for j in range(n)) + gamma**n * next_values[t + n - 1]
+
+    return (1 - lam) * sum(lam ** (n - 1) * n_step(n) for n in range(1, m)) + lam ** (m - 1) * n_step(m)
+
+
+def test_td_lambda_targets_match_the_definition():
+    gen = torch.Generator().manual_seed(0)
+    h, n, gamma, lam = 9, 3, 0.97, 0.9
+    rewards = torch.randn(h, n, generator=gen, dtype=torch.float64)
+    next_values = torch.randn(h, n, generator=gen, dtype=torch.float64)
+    dones = torch.zeros(h, n, dtype=torch.bool)
+    dones[-1] = True
+    dones[2, 0] = dones[5, 1] = dones[6, 1] = True  # env 0 ends early, env 1 twice, env 2 only at the window's end
+    next_values[2, 0] = 0.0  # an early termination bootstraps on 0
+    targets = td_lambda_targets(rewards, next_values, dones, gamma, lam)
+    for i in range(n):
+        for t in range(h):
+            expected = lambda_return_by_definition(rewards[:, i].tolist(), next_values[:, i].tolist(),
+                                                   dones[:, i].tolist(), gamma, lam, t)
+            assert targets[t, i].item() == pytest.approx(expected, rel=1e-10, abs=1e-10), (t, i)
+    # lam -> 0 is the one-step TD target, lam -> 1 the Monte-Carlo return to the first done step.
+    one_step = td_lambda_targets(rewards, next_values, dones, gamma, 1e-9)
+    assert torch.allclose(one_step, rewards + gamma * next_values, atol=1e-6)
+
+
+def test_running_mean_std_matches_numpy():
+    rms = RunningMeanStd((3,), epsilon=0.0)
+    batches = [np.random.default_rng(i).normal(i, 1 + i, size=(50 + 10 * i, 3)) for i in range(4)]
+    for batch in batches:
+        rms.update(torch.tensor(batch, dtype=torch.float32))
+    data = np.concatenate(batches)
+    assert np.allclose(rms.mean.numpy(), data.mean(0), rtol=1e-4)
+    assert np.allclose(rms.var.numpy(), data.var(0), rtol=1e-4)
+    x = torch.tensor(data[:5], dtype=torch.float32)
+    assert torch.allclose(rms.normalize(x), (x - rms.mean) / torch.sqrt(rms.var + 1e-5))
+
+
+def test_frame_stack_order_and_reset():
+    frame = lambda v: torch.full((2, 4, 5, 3), v, dtype=torch.uint8)  # noqa: E731
+    stack = FrameStack(3)
+    out = stack.reset(frame(1))
+    assert out.shape == (2, 9, 4, 5) and (out == 1).all()
+    stack.push(frame(2))
+    out = stack.push(frame(3))
+    assert [out[0, 3 * k].max().item() for k in range(3)] == [1, 2, 3]  # oldest first
+    out = stack.reset(frame(7), torch.tensor([1]))
+    assert (out[1] == 7).all() and [out[0, 3 * k].max().item() for k in range(3)] == [1, 2, 3]
+
+
+def test_encoder_shapes():
+    enc = Encoder((9, 84, 84))
+    assert enc.repr_dim == 32 * 35 * 35
+    assert enc(torch.zeros(2, 9, 84, 84, dtype=torch.uint8)).shape == (2, 32 * 35 * 35)
+    with pytest.raises(ValueError):
+        Encoder((9, 7, 7))
+
+
+# ------------------------------------------------------------------------------------------- gradient paths
+ARGS = SimpleNamespace(horizon=8, gamma=0.99, frame_stack=3)
+QPOS = torch.tensor([[0.3, -2.8], [2.3, 0.2], [-0.5, 0.1], [0.0, 3.0]])  # env 1 leaves the track in the window
+QVEL = torch.tensor([[0.5, 1.0], [3.0, 0.0], [-0.2, -0.5], [0.0, 0.3]])
+
+
+def make_nets(task, pixels, seed=0):
+    torch.manual_seed(seed)
+    obs_shape = (9, *task.image_size) if pixels else (task.critic_obs_dim,)
+    actor = Actor(obs_shape, task.act_dim, (32, 32))
+    critic = Critic(task.critic_obs_dim, (16, 16)).requires_grad_(False)
+    obs_rms = RunningMeanStd((task.critic_obs_dim,))
+    obs_rms.update(torch.randn(100, task.critic_obs_dim) * 2 + 0.5)
+    return actor, critic, obs_rms
+
+
+def start_window(task, pixels, truncate_env=None):
+    task.set_state(QPOS, QVEL)
+    if truncate_env is not None:
+        task.progress[truncate_env] = task.max_episode_length - 3  # its time limit falls inside the window
+    frames = FrameStack(3)
+    if pixels:
+        frames.reset(task.render())
+    episode = {k: torch.zeros(task.num_envs, dtype=dt)
+               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    return frames, episode
+
+
+class ActionCut(nn.Module):
+    """Runs the actor on a detached observation and hands the simulator a leaf copy of the action, so that the
+    gradient can only reach the parameters through d(loss)/d(action) x d(action)/d(params)."""
+
+    def __init__(self, actor):
+        super().__init__()
+        self.actor, self.pairs = actor, []
+
+    def forward(self, obs, deterministic=False):
+        action = self.actor(obs.detach(), deterministic)
+        leaf = action.detach().requires_grad_(True)
+        self.pairs.append((action, leaf))
+        return leaf
+
+
+def actor_grads(task, actor, critic, obs_rms, pixels, cut):
+    frames, episode = start_window(task, pixels, truncate_env=2)
+    actor.zero_grad()
+    torch.manual_seed(123)  # the same exploration noise in both rollouts
+    policy = ActionCut(actor) if cut else actor
+    args = SimpleNamespace(**vars(ARGS), obs="pixels" if pixels else "state")
+    loss, _, _ = rollout_window(task, policy, critic, obs_rms, frames, args, episode)
+    task.backward(loss)
+    for action, leaf in getattr(policy, "pairs", []):
+        action.backward(leaf.grad)
+    return torch.cat([p.grad.flatten() for p in actor.parameters()]), episode
+
+
+def test_dva_gradient_reaches_the_actor_only_through_its_actions(task):
+    """With pixels, the full gradient equals the one through the actions alone: no path through the images.
+    With the state as input (SHAC), the observation path adds to it, so the same check tells them apart."""
+    actor, critic, obs_rms = make_nets(task, pixels=True)
+    full, episode = actor_grads(task, actor, critic, obs_rms, pixels=True, cut=False)
+    through_actions, _ = actor_grads(task, actor, critic, obs_rms, pixels=True, cut=True)
+    assert episode["ended"].tolist() == [False, True, True, False]  # a termination and a time limit in the window
+    assert full.norm() > 0
+    assert torch.allclose(full, through_actions, rtol=1e-4, atol=1e-6 * full.abs().max())
+
+    actor, critic, obs_rms = make_nets(task, pixels=False)
+    full, _ = actor_grads(task, actor, critic, obs_rms, pixels=False, cut=False)
+    through_actions, _ = actor_grads(task, actor, critic, obs_rms, pixels=False, cut=True)
+    assert (full - through_actions).norm() > 1e-3 * full.norm()
+
+
+def reference_shac_loss(task, actor, critic, obs_rms, horizon, gamma):
+    """SHAC's actor loss written out env by env, as in DiffRL's compute_actor_loss (an env that ends stops
+    contributing: early termination bootstraps on 0, a time limit or the window's end on the target critic)."""
+    n = task.num_envs
+    rew_acc, disc, alive, terms = [0.0] * n, [1.0] * n, [True] * n, []
+    for t in range(horizon):
+        action = actor(obs_rms.normalize(task.critic_obs()))
+        reward, terminated, truncated = task.step(action)
+        value = critic(obs_rms.normalize(task.critic_obs()))
+        for i in range(n):
+            if not alive[i]:
+                continue
+            rew_acc[i] = rew_acc[i] + disc[i] * reward[i]
+            if terminated[i]:
+                terms.append(-rew_acc[i])
+                alive[i] = False
+            elif truncated[i] or t == horizon - 1:
+                terms.append(-(rew_acc[i] + gamma * disc[i] * value[i]))
+                alive[i] = not truncated[i]
+            disc[i] = disc[i] * gamma
+    return sum(terms) / (horizon * n)
+
+
+def test_state_mode_gradient_equals_shac(task):
+    actor, critic, obs_rms = make_nets(task, pixels=False)
+    ours, _ = actor_grads(task, actor, critic, obs_rms, pixels=False, cut=False)
+    start_window(task, pixels=False, truncate_env=2)
+    actor.zero_grad()
+    torch.manual_seed(123)
+    loss = reference_shac_loss(task, actor, critic, obs_rms, ARGS.horizon, ARGS.gamma)
+    task.backward(loss)
+    reference = torch.cat([p.grad.flatten() for p in actor.parameters()])
+    assert reference.norm() > 0
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
