@@ -85,11 +85,16 @@ class Args:
     resume: str | None = None
     """continue training from this checkpoint (iteration count, optimisers, schedules)"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video"""
+    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
+    (--resume and --eval-only take the networks' shapes: --obs, image size, frame stack, widths, from the checkpoint)"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
     torch_threads: int = 0
     """torch CPU threads (0 = torch's default)"""
+
+
+SHAPE_ARGS = ("obs", "image_size", "image_width", "frame_stack", "actor_hidden", "critic_hidden")
+"""Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
 
 
 def finalize_args(args: Args) -> Args:
@@ -107,7 +112,8 @@ def finalize_args(args: Args) -> Args:
     if args.max_iters < 1:
         problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
     if pixels and min(args.image_size, args.image_width) < 15:
-        problems.append(f"--image-size/--image-width must be >= 15 px for the encoder (got {args.image_size}x{args.image_width})")
+        problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
+                        f"(got {args.image_size}x{args.image_width})")
     if args.frame_stack < 1:
         problems.append(f"--frame-stack must be >= 1 (got {args.frame_stack})")
     if args.critic_minibatches < 1 or args.critic_iterations < 0:
@@ -314,11 +320,15 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
+    checkpoint = None
+    if args.resume or args.eval_only:
+        try:
+            checkpoint = torch.load(args.resume or args.eval_only, map_location=device, weights_only=False)
+        except Exception as error:  # a truncated or foreign file
+            sys.exit(f"error: cannot read the checkpoint {args.resume or args.eval_only}: {error}")
+        for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
+            setattr(args, key, checkpoint["args"][key])
     pixels = args.obs == "pixels"
-    checkpoint = torch.load(args.resume or args.eval_only, map_location=device, weights_only=False) \
-        if (args.resume or args.eval_only) else None
-    if checkpoint is not None and checkpoint["args"]["obs"] != args.obs:
-        sys.exit(f"error: the checkpoint was trained with --obs {checkpoint['args']['obs']}, not --obs {args.obs}")
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)
@@ -338,7 +348,7 @@ if __name__ == "__main__":
                                 (obs_rms, "obs_rms")):
                 module.load_state_dict(checkpoint[key])
         except (RuntimeError, KeyError) as error:
-            sys.exit(f"error: the checkpoint does not fit these settings (image size, widths?): {error}")
+            sys.exit(f"error: the checkpoint does not fit this script's networks: {error}")
 
     if args.eval_only:
         ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=True)
@@ -430,7 +440,8 @@ if __name__ == "__main__":
             sps = int((iteration - start_iter + 1) * args.num_envs * args.horizon / elapsed)
             for tag, value in (("losses/actor_loss", actor_loss.item()), ("losses/critic_loss", critic_loss),
                                ("grads/actor_grad_norm", grad_norm.item()), ("charts/SPS", sps),
-                               ("charts/learning_rate", actor_opt.param_groups[0]["lr"]), ("charts/nan_skips", nan_skips),
+                               ("charts/learning_rate", actor_opt.param_groups[0]["lr"]),
+                               ("charts/nan_skips", nan_skips),
                                ("charts/wall_minutes", elapsed / 60),
                                ("time/render_s", render_s), ("time/forward_s", forward_s),
                                ("time/backward_s", backward_s), ("time/critic_s", critic_s),
@@ -442,14 +453,15 @@ if __name__ == "__main__":
                 ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=args.capture_video)
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar("charts/eval_success", success, global_step)
-                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, success {success:.2f}")
+                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                      f"success {success:.2f}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
             if iteration % args.log_every == 0 or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)
                 print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
-                      f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min")
+                      f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min", flush=True)
             if iteration % args.save_every == 0:
                 save(iteration)
             if out_of_time:

@@ -2,6 +2,7 @@
 
     python benchmarks/iteration_time.py --config cpu      # the README's CPU run: 32 envs, 32 x 64 px
     python benchmarks/iteration_time.py --config paper    # the paper's: 64 envs, 84 x 84 px
+    python benchmarks/iteration_time.py --config cpu --image-size 64 --image-width 64 --name cpu64   # any variant
 
 Runs a few warm iterations of the real training step (the functions of dva_cartpole.py, with timers around the
 renderer, the actor and the simulator), prints a table and writes results/iteration_time_<config>.json.
@@ -39,6 +40,14 @@ class BenchArgs:
     """timed iterations (after 2 warm-up iterations)"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    num_envs: int = 0
+    """override the config's number of envs (0: keep)"""
+    image_size: int = 0
+    """override the config's image height (0: keep)"""
+    image_width: int = 0
+    """override the config's image width (0: keep)"""
+    name: str = ""
+    """name of the result (default: the config's)"""
     out: str = "results"
     """folder for the JSON"""
 
@@ -59,7 +68,10 @@ def timed(fn, timer, key, inputs=None):
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
     args = Args(**CONFIGS[bench.config])
-    args.image_width = args.image_width or args.image_size
+    args.num_envs = bench.num_envs or args.num_envs
+    args.image_size = bench.image_size or args.image_size
+    args.image_width = bench.image_width or args.image_width or args.image_size
+    name = bench.name or bench.config
     device = resolve_device(bench.device)
     renderer = resolve_renderer("auto", device)
     task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer)
@@ -120,13 +132,13 @@ if __name__ == "__main__":
             rows.append(row)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     mean["sim_backward_s"] = mean["backward_s"] - mean["encoder_actor_backward_s"]
-    result = {"config": bench.config, "num_envs": args.num_envs, "horizon": args.horizon,
+    result = {"config": name, "num_envs": args.num_envs, "horizon": args.horizon,
               "image": [args.image_size, args.image_width], "device": str(device), "renderer": renderer,
               "torch_threads": torch.get_num_threads(), "iters": bench.iters, "mean": mean}
-    print(f"{bench.config}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
+    print(f"{name}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
           f"{device}, {renderer}")
     for k, v in mean.items():
         print(f"  {k:32s} {v:8.3f}")
     out = ROOT / bench.out
     out.mkdir(exist_ok=True)
-    (out / f"iteration_time_{bench.config}.json").write_text(json.dumps(result, indent=2))
+    (out / f"iteration_time_{name}.json").write_text(json.dumps(result, indent=2))

@@ -74,7 +74,8 @@ class CartpoleTask:
                 split_envs=True, shadow=False, ambient_light=(0.4, 0.4, 0.4),
                 background_color=(0.1, 0.1, 0.12), lights=lights,
             ),
-            renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch" else gs.renderers.Rasterizer(),
+            renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch"
+            else gs.renderers.Rasterizer(),
             show_viewer=False,
         )
         self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSET)))
@@ -162,7 +163,8 @@ class CartpoleTask:
             env_ids = torch.arange(self.num_envs, device=self.device)
         if len(env_ids) > 0:
             with torch.no_grad():
-                self.robot.set_dofs_position(qpos.to(self.float_dtype), self.dofs, envs_idx=env_ids, zero_velocity=False)
+                self.robot.set_dofs_position(qpos.to(self.float_dtype), self.dofs, envs_idx=env_ids,
+                                             zero_velocity=False)
                 self.robot.set_dofs_velocity(qvel.to(self.float_dtype), self.dofs, envs_idx=env_ids)
             self.progress[env_ids] = 0
         self.cut_graph()
@@ -198,7 +200,9 @@ class CartpoleTask:
         """One RGB image per env, (N, H, W, 3) uint8 on the task's device."""
         if self.camera is None:
             raise RuntimeError("this task was built without a camera (image_size=None)")
-        rgb = self.camera.render(rgb=True)[0]
+        # force_render: Genesis caches frames by tape step, and a reset under no_grad (evaluation) keeps the step,
+        # so a cached frame could show the state from before the reset. We render once per step anyway.
+        rgb = self.camera.render(rgb=True, force_render=True)[0]
         rgb = torch.as_tensor(np.asarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
         if rgb.dim() == 3:  # a single env comes back without the batch axis
             rgb = rgb.unsqueeze(0)

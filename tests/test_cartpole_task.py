@@ -59,6 +59,11 @@ def test_camera_sees_the_cart_move(task):
     assert blue[:3].flatten(1).sum(1).min() > 4
     # |x| = 2.8 m fills half the width (32 px): 1.5 m is about 17 px.
     assert centroid[0] < 31.5 - 12 and abs(centroid[1] - 31.5) < 3 and centroid[2] > 31.5 + 12
+    with torch.no_grad():  # a reset under no_grad (as in evaluation) must not give back a cached frame
+        task.set_state(torch.tensor([[1.5, 0.0], [0.0, 0.0], [-1.5, 0.0], [0.0, -math.pi]]), torch.zeros(4, 2))
+        moved = task.render().float()
+    moved_blue = (moved[..., 2] > 150) & (moved[..., 0] < 120)
+    assert ((moved_blue[0].float().sum(0) * cols).sum() / moved_blue[0].sum()) > 31.5 + 12
     orange = (img[..., 0] > 150) & (img[..., 2] < 100)
     rows = torch.arange(32).float()
     up_row = (orange[1].float().sum(1) * rows).sum() / orange[1].sum()

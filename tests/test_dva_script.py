@@ -103,3 +103,13 @@ def test_state_shac_learns_swing_up(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ret, success = map(float, re.findall(r"return (-?[\d.]+), success ([\d.]+)", out.stdout)[-1])
     assert ret > 1800 and success >= 0.9, out.stdout[-2000:]
+
+
+def test_unreadable_checkpoint_fails_with_one_clear_line(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = run(["--eval-only", str(bad)], tmp_path, timeout=300)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot read the checkpoint"), out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
