@@ -175,17 +175,20 @@ class CartpoleTask:
         Under torch.no_grad() nothing is taped, and Genesis's get_state/reset round trip crashes there: skip it.
         After steps taken under no_grad the tape's token carries no grad and get_state() would raise: renew it first.
         """
-        if torch.is_grad_enabled():
+        if self.requires_grad and torch.is_grad_enabled():
             self.scene.sim.reset_grad()
             self.scene.reset(self.scene.get_state())
         self._read_state()
 
     def backward(self, loss: torch.Tensor):
-        """Back-propagate `loss` through the simulated window; the scene stays at the window's end state."""
+        """Back-propagate `loss` through the simulated window; the scene stays at the window's end state, and the
+        state read afterwards starts a new tape."""
         self.scene.backward(loss)
+        self._read_state()
 
     def snapshot(self):
-        """Everything needed to put the batch back where it is (for evaluation in the training scene)."""
+        """Everything needed to put the batch back where it is (for evaluation in the training scene).
+        Take and restore it in grad mode: Genesis's get_state/reset round trip crashes under no_grad."""
         return self.scene.get_state(), self.progress.clone()
 
     def restore(self, snapshot):
