@@ -30,8 +30,7 @@ def scalars(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 2-iteration run whose episodes end (a 30-step time limit would need 240: env ends come from |x| > 2.5 or
-    not at all, so the run is long enough to see evals, checkpoints and the video)."""
+    """A 2-iteration run with tiny settings (2 envs, H = 4) that evaluates and saves every iteration, with video."""
     cwd = tmp_path_factory.mktemp("smoke")
     out = run([*TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1", "--capture-video"], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
