@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from common.cartpole import CartpoleTask  # noqa: E402
 from common.genesis_setup import resolve_device, resolve_renderer  # noqa: E402
 from common.utils import FrameStack, RunningMeanStd  # noqa: E402
-from dva_cartpole import Actor, Args, Critic, rollout_window, td_lambda_targets, update_critic  # noqa: E402
+from dva_cartpole import (Actor, Args, Critic, finalize_args, rollout_window, td_lambda_targets,  # noqa: E402
+                          update_critic)
 
 CONFIGS = {"cpu": dict(num_envs=32, image_size=32, image_width=64), "paper": dict(num_envs=64, image_size=84)}
 
@@ -70,7 +71,8 @@ if __name__ == "__main__":
     args = Args(**CONFIGS[bench.config])
     args.num_envs = bench.num_envs or args.num_envs
     args.image_size = bench.image_size or args.image_size
-    args.image_width = bench.image_width or args.image_width or args.image_size
+    args.image_width = bench.image_width or args.image_width
+    args = finalize_args(args)  # the script's own defaults (pixels: lrs 2e-3 / 2e-4) and input checks
     name = bench.name or bench.config
     device = resolve_device(bench.device)
     renderer = resolve_renderer("auto", device)
@@ -79,9 +81,8 @@ if __name__ == "__main__":
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
     target = Critic(task.critic_obs_dim, args.critic_hidden).to(device).requires_grad_(False)
     obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=2e-3, betas=args.betas)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=2e-4, betas=args.betas)
-    args.obs = "pixels"
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=args.betas)
 
     timer = defaultdict(float)
     task.render = timed(task.render, timer, "render_s")

@@ -79,6 +79,15 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 
 
+def failed_cleanly(out, cwd):
+    """The run exited non-zero, its last stderr line is an `error:` line, and it created no run folder."""
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), out.stderr[-2000:]
+    assert not (cwd / "runs").exists()
+    return lines
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
     (["--horizon", "0"], "--horizon"),
@@ -88,11 +97,8 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     (["--eval-only", "missing.pt"], "--eval-only"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
-    out = run(flags, tmp_path, timeout=120)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error:"), out.stderr
-    assert not (tmp_path / "runs").exists()
+    lines = failed_cleanly(run(flags, tmp_path, timeout=120), tmp_path)
+    assert len(lines) == 1 and words in lines[0], lines
 
 
 def test_state_shac_learns_swing_up(tmp_path):
@@ -107,8 +113,5 @@ def test_state_shac_learns_swing_up(tmp_path):
 def test_unreadable_checkpoint_fails_with_one_clear_line(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    out = run(["--eval-only", str(bad)], tmp_path, timeout=300)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: cannot read the checkpoint"), out.stderr[-2000:]
-    assert not (tmp_path / "runs").exists()
+    lines = failed_cleanly(run(["--eval-only", str(bad)], tmp_path, timeout=300), tmp_path)
+    assert lines[-1].startswith("error: cannot read the checkpoint"), lines[-5:]
