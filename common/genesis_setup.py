@@ -61,3 +61,34 @@ def init_genesis(device: torch.device, precision: str = "32"):
     disable_msaa()
     _STARTED_ON = wanted
     return gs
+
+
+class low_poly_visuals:
+    """Context manager: MJCF spheres and capsules loaded inside it get visual meshes of ~100-200 faces instead of
+    trimesh's defaults (1280 and ~2000), which make a CPU render 5-10x slower (GENESIS.md section 4). Collision
+    geometry is unaffected (Genesis collides primitives analytically)."""
+
+    def __enter__(self):
+        import types
+
+        import genesis.utils.mjcf as mjcf
+        import trimesh
+
+        def capsule(radius, height, count=(8, 10), **kw):
+            return trimesh.creation.capsule(radius=radius, height=height, count=count, **kw)
+
+        def icosphere(subdivisions=1, radius=1.0, **kw):
+            return trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius, **kw)
+
+        def cylinder(radius, height, sections=10, **kw):
+            return trimesh.creation.cylinder(radius=radius, height=height, sections=sections, **kw)
+
+        creation = types.SimpleNamespace(**{**vars(trimesh.creation), "capsule": capsule, "icosphere": icosphere,
+                                            "cylinder": cylinder})
+        self._module, self._original = mjcf, mjcf.trimesh
+        mjcf.trimesh = types.SimpleNamespace(**{**vars(trimesh), "creation": creation})
+        return self
+
+    def __exit__(self, *exc):
+        self._module.trimesh = self._original
+        return False

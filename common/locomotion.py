@@ -1,0 +1,357 @@
+"""Hopper, ant and humanoid on Genesis: batches of differentiable envs with a camera that follows each torso.
+
+The same API as `common.cartpole.CartpoleTask`, so the D.Va loop runs on them unchanged:
+
+    task = make_task("hopper", num_envs, device, image_size=(64, 64))
+    reward, terminated, truncated = task.step(actions)   # actions (N, act_dim) in [-1, 1], differentiable
+    task.critic_obs(); task.render(); task.backward(loss); task.reset(ended_env_ids)
+
+Rewards and terminations are SHAC's (DiffRL `envs/{hopper,ant,humanoid}.py`, see ../shared/paper/NOTES.md section 5),
+written for Genesis's z-up world: forward is +x, "up" is the torso's z axis dotted with world z, "heading" its x axis
+dotted with the direction to a far target on +x. The critic's state follows SHAC's layouts:
+    hopper   (14): [z, pitch, 3 joint pos, vx, vz, pitch rate, 3 joint vel, previous actions (3)] with z the torso's
+                   height change from the start pose (SHAC's convention, terminated below -0.45)
+    ant      (37): [h, quat (4), lin vel (3), ang vel (3), 8 joint pos, 0.1 x 8 joint vel, up, heading, prev (8)]
+    humanoid (76): the ant's layout with 21 joints.
+One control step is 1/60 s (SHAC's), simulated in `substeps` Genesis substeps for contact stability.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.genesis_setup import init_genesis, low_poly_visuals
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def quat_rotate(quat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """Rotate `vec` (..., 3) by unit quaternions `quat` (..., 4) in Genesis's (w, x, y, z) order."""
+    w, xyz, vec = quat[..., :1], quat[..., 1:], vec.to(quat)
+    t = 2.0 * torch.cross(xyz, vec.expand_as(xyz), dim=-1)
+    return vec + w * t + torch.cross(xyz, t, dim=-1)
+
+
+def height_reward(d: torch.Tensor, low: float, high: float, coeff: float) -> torch.Tensor:
+    """SHAC's height term: d clipped to [low, high]; -200 d^2 below the target height, coeff * d above it."""
+    d = d.clamp(low, high)
+    return torch.where(d < 0, -200.0 * d**2, coeff * d)
+
+
+def hopper_reward(z, pitch, vx, actions):
+    """SHAC hopper: vx + height term (target 0.15 above the termination height -0.45) + 1 - (pitch / 30 deg)^2
+    - 0.1 |a|^2. `z` is the torso's height change from the start pose."""
+    return (vx + height_reward(z - (-0.45 + 0.15), -1.0, 0.3, 1.0) + 1.0 - (pitch / (math.pi / 6)) ** 2
+            - 0.1 * (actions**2).sum(-1))
+
+
+def ant_reward(h, up, heading, vx, actions):
+    """SHAC ant: vx + 0.1 up + heading + (h - 0.27); no action penalty."""
+    return vx + 0.1 * up + heading + (h - 0.27)
+
+
+def humanoid_reward(h, up, heading, vx, actions):
+    """SHAC humanoid: vx + 0.1 up + heading + height term (target 0.84, 10 x above) - 0.002 |a|^2."""
+    return vx + 0.1 * up + heading + height_reward(h - 0.84, -1.0, 0.1, 10.0) - 0.002 * (actions**2).sum(-1)
+
+
+class LocomotionTask:
+    """The shared machinery: scene, floor, tracking camera, state reads, resets, tape handling.
+
+    A subclass gives the model, the motors and their strengths, the start pose, the reward, the termination and the
+    critic's state.
+    """
+
+    name: str
+    asset: str
+    motor_joints: tuple[str, ...]
+    strengths: tuple[float, ...]  # torque = action x strength, inside the MJCF's gear x ctrlrange (else zero grad)
+    camera_offset: tuple[float, float, float]  # camera position relative to the torso (x, y) and the floor (z)
+    camera_lookat_z: float
+    camera_fov: float = 60.0
+    max_episode_length = 1000
+    dt = 1.0 / 60.0
+    substeps = 2
+    start_qpos_noise = 0.05
+    start_qvel_noise = 0.05
+    vel_obs_scale = 0.1
+    heading_target = (1e4, 0.0)
+
+    def __init__(
+        self,
+        num_envs: int,
+        device: torch.device,
+        image_size: tuple[int, int] | None = (84, 84),
+        renderer: str = "rasterizer",
+        requires_grad: bool = True,
+        seed: int = 0,
+        precision: str = "32",
+    ):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.num_envs, self.device, self.requires_grad = num_envs, device, requires_grad
+        self.image_size = image_size
+        self.act_dim = len(self.motor_joints)
+        gs = init_genesis(device, precision)
+        self.float_dtype = gs.tc_float
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        # A light from behind the camera (the -y side), so the side of the robot we see is lit.
+        lights = [dict(type="directional", dir=(0.3, 1.0, -1.0), color=(1.0, 1.0, 1.0), intensity=3.0)]
+        self.scene = gs.Scene(
+            sim_options=gs.options.SimOptions(dt=self.dt, substeps=self.substeps, requires_grad=requires_grad),
+            rigid_options=gs.options.RigidOptions(integrator=gs.integrator.approximate_implicitfast,
+                                                  enable_self_collision=False),
+            vis_options=gs.options.VisOptions(split_envs=True, shadow=False, ambient_light=(0.35, 0.35, 0.35),
+                                              background_color=(0.55, 0.65, 0.8), lights=lights),
+            renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch"
+            else gs.renderers.Rasterizer(),
+            show_viewer=False,
+        )
+        # A checker floor of 1 m tiles: its motion in the tracking camera's images is the policy's cue for speed.
+        self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)))
+        with low_poly_visuals():  # default primitive meshes have thousands of faces: 5-10x slower CPU renders
+            self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSETS / self.asset)))
+        self.camera = None
+        if image_size is not None:
+            height, width = image_size
+            if renderer == "batch":
+                self.scene.add_light(pos=(0.0, -5.0, 5.0), dir=(0.3, 1.0, -1.0), intensity=3.0, directional=True,
+                                     castshadow=False)
+            self.camera = self.scene.add_camera(res=(width, height), pos=self.camera_offset,
+                                                lookat=(0.0, 0.0, self.camera_lookat_z), fov=self.camera_fov,
+                                                GUI=False, near=0.1, far=30.0)
+        self.scene.build(n_envs=num_envs)
+        self.rigid = self.scene.sim.rigid_solver
+        self.q_slice = slice(self.robot.q_start, self.robot.q_end)
+        self.dof_slice = slice(self.robot.dof_start, self.robot.dof_end)
+        self.torso = self.robot.get_link("torso").idx  # solver-global link index
+        self.motor_dofs = [self.robot.get_joint(j).dofs_idx_local[0] for j in self.motor_joints]
+        self.strength = torch.tensor(self.strengths, device=device)
+        self.start_qpos = torch.as_tensor(self.start_pose(), dtype=torch.float32)
+        self.progress = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.prev_actions = torch.zeros(num_envs, self.act_dim, device=device)
+        # Genesis caches a view of its force buffer on first use, and a view made under no_grad cannot be written in
+        # grad mode later: make that first use one differentiable step.
+        self.reset()
+        with torch.enable_grad():
+            self.step(torch.zeros(num_envs, self.act_dim, device=device, requires_grad=requires_grad))
+        self.reset()
+
+    # ----------------------------------------------------------------------------------------------- per robot
+    def start_pose(self) -> np.ndarray:
+        """The robot's qpos at the start of an episode (before noise)."""
+        raise NotImplementedError
+
+    def reward_and_termination(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def critic_obs(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _read_state(self):
+        """Latest qpos, qvel and torso pose: differentiable in grad mode, plain reads under torch.no_grad()."""
+        if self.requires_grad and torch.is_grad_enabled():
+            state = self.rigid.get_state()
+            qpos, qvel = state.qpos[:, self.q_slice], state.dofs_vel[:, self.dof_slice]
+            torso_pos, torso_quat = state.links_pos[:, self.torso], state.links_quat[:, self.torso]
+        else:
+            qpos, qvel = self.robot.get_qpos(), self.robot.get_dofs_velocity()
+            torso_pos = self.rigid.get_links_pos(self.torso)[:, 0]
+            torso_quat = self.rigid.get_links_quat(self.torso)[:, 0]
+        if self.num_envs == 1 and qpos.dim() == 1:
+            qpos, qvel = qpos[None], qvel[None]
+        # A blown-up env must not put NaN into the shared loss; it is terminated in step().
+        parts = [qpos, qvel, torso_pos, torso_quat]
+        self.finite = torch.stack([torch.isfinite(p).all(-1) for p in parts]).all(0)
+        self.qpos, self.qvel, self.torso_pos, self.torso_quat = (
+            torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) for p in parts)
+
+    def up_and_heading(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """up = torso z axis . world z; heading = torso x axis . (unit vector to the target on +x, in the floor plane)."""
+        up = quat_rotate(self.torso_quat, torch.tensor([0.0, 0.0, 1.0], device=self.device))[:, 2]
+        forward = quat_rotate(self.torso_quat, torch.tensor([1.0, 0.0, 0.0], device=self.device))[:, :2]
+        to_target = torch.tensor(self.heading_target, device=self.device) - self.torso_pos[:, :2].detach()
+        return up, (forward * torch.nn.functional.normalize(to_target, dim=-1)).sum(-1)
+
+    def forward_velocity(self) -> torch.Tensor:
+        """Detached torso velocity along +x, for logging (`charts/eval_forward_velocity`)."""
+        return self.qvel[:, 0].detach()
+
+    # ----------------------------------------------------------------------------------------------- step
+    def step(self, actions: torch.Tensor):
+        """Apply `actions` in [-1, 1] as joint torques (action x strength) for one control step (1/60 s).
+
+        Returns (reward, terminated, truncated), each (N,). `reward` is differentiable w.r.t. the actions.
+        """
+        actions = actions.clamp(-1.0, 1.0).reshape(self.num_envs, self.act_dim)
+        # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
+        self.robot.control_dofs_force((actions * self.strength).to(self.float_dtype), self.motor_dofs)
+        self.scene.step()
+        self.progress += 1
+        self._read_state()
+        reward, fallen = self.reward_and_termination(actions)
+        self.prev_actions = actions
+        blown_up = (~self.finite | self.rigid.get_error_envs_mask().to(self.device)
+                    | (self.qvel.detach().abs() > 1e4).any(-1))
+        terminated = fallen | blown_up
+        truncated = (self.progress >= self.max_episode_length) & ~terminated
+        return torch.where(blown_up, 0.0, reward), terminated, truncated
+
+    # ----------------------------------------------------------------------------------------------- resets
+    def reset(self, env_ids: torch.Tensor | None = None):
+        """Start pose plus uniform noise for `env_ids` (all if None), then cut the gradient tape. Call only between
+        windows."""
+        if env_ids is None:
+            env_ids = torch.arange(self.num_envs, device=self.device)
+        env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
+        n = len(env_ids)
+        qpos = self.start_qpos.repeat(n, 1)
+        qpos += (torch.rand(qpos.shape, generator=self.generator) * 2 - 1) * self.start_qpos_noise
+        qpos = self.normalize_start(qpos)
+        qvel = (torch.rand(n, self.robot.n_dofs, generator=self.generator) * 2 - 1) * self.start_qvel_noise
+        self.set_state(qpos, qvel, env_ids)
+
+    def normalize_start(self, qpos: torch.Tensor) -> torch.Tensor:
+        return qpos
+
+    def set_state(self, qpos: torch.Tensor, qvel: torch.Tensor, env_ids: torch.Tensor | None = None):
+        """Put `env_ids` (all if None) at (qpos, qvel), episode step 0; cuts the gradient tape."""
+        if env_ids is None:
+            env_ids = torch.arange(self.num_envs, device=self.device)
+        if len(env_ids) > 0:
+            with torch.no_grad():
+                self.robot.set_qpos(qpos.to(self.device, self.float_dtype), envs_idx=env_ids, zero_velocity=False)
+                self.robot.set_dofs_velocity(qvel.to(self.device, self.float_dtype), envs_idx=env_ids)
+            self.progress[env_ids] = 0
+            self.prev_actions[env_ids] = 0.0
+        self.cut_graph()
+
+    def cut_graph(self):
+        """Start a new gradient tape from the current state (see CartpoleTask.cut_graph)."""
+        if self.requires_grad and torch.is_grad_enabled():
+            self.scene.sim.reset_grad()
+            self.scene.reset(self.scene.get_state())
+        self.prev_actions = self.prev_actions.detach()
+        self._read_state()
+
+    def backward(self, loss: torch.Tensor):
+        """Back-propagate `loss` through the window; the scene stays at the window's end state."""
+        self.scene.backward(loss)
+        self.prev_actions = self.prev_actions.detach()
+        self._read_state()
+
+    def snapshot(self):
+        """Everything needed to put the batch back where it is. Take and restore it in grad mode."""
+        return self.scene.get_state(), self.progress.clone(), self.prev_actions.detach().clone()
+
+    def restore(self, snapshot):
+        state, progress, prev_actions = snapshot
+        self.scene.reset(state)
+        self.progress, self.prev_actions = progress.clone(), prev_actions.clone()
+        self._read_state()
+
+    # ----------------------------------------------------------------------------------------------- images
+    @torch.no_grad()
+    def render(self) -> torch.Tensor:
+        """One RGB image per env from a side camera that follows the torso in the floor plane (its height stays
+        fixed, so the robot's height shows in the image): (N, H, W, 3) uint8 on the task's device."""
+        if self.camera is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        torso = self.torso_pos.detach().cpu().double().numpy()
+        pos = np.stack([torso[:, 0] + self.camera_offset[0], torso[:, 1] + self.camera_offset[1],
+                        np.full(self.num_envs, self.camera_offset[2])], axis=-1)
+        lookat = np.stack([torso[:, 0], torso[:, 1], np.full(self.num_envs, self.camera_lookat_z)], axis=-1)
+        self.camera.set_pose(pos=pos, lookat=lookat, envs_idx=np.arange(self.num_envs))
+        rgb = self.camera.render(rgb=True, force_render=True)[0]  # force: Genesis caches frames by tape step
+        rgb = torch.as_tensor(np.asarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
+        if rgb.dim() == 3:
+            rgb = rgb.unsqueeze(0)
+        return rgb[..., :3].to(torch.uint8)
+
+
+class HopperTask(LocomotionTask):
+    name = "hopper"
+    asset = "hopper.xml"
+    motor_joints = ("thigh_joint", "leg_joint", "foot_joint")
+    strengths = (200.0, 200.0, 200.0)
+    camera_offset = (0.0, -2.2, 0.75)
+    camera_lookat_z = 0.8
+    critic_obs_dim = 14
+
+    def start_pose(self):
+        return np.zeros(6)  # [x, z, pitch, thigh, leg, foot]: Genesis reads a slide joint relative to its spawn
+
+    def reward_and_termination(self, actions):
+        z, pitch, vx = self.qpos[:, 1], self.qpos[:, 2], self.qvel[:, 0]
+        return hopper_reward(z, pitch, vx, actions), z.detach() < -0.45
+
+    def critic_obs(self):
+        return torch.cat([self.qpos[:, 1:], self.qvel, self.prev_actions], dim=-1)
+
+
+class AntTask(LocomotionTask):
+    name = "ant"
+    asset = "ant.xml"
+    motor_joints = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
+    strengths = (200.0,) * 8
+    camera_offset = (0.0, -3.0, 1.4)
+    camera_lookat_z = 0.3
+    critic_obs_dim = 37
+    start_height = 0.75
+
+    def start_pose(self):
+        # brax's start: legs inside their joint limits (Genesis's bundled pose is outside them and launches the ant)
+        return np.array([0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0])
+
+    def normalize_start(self, qpos):
+        qpos[:, 3:7] = torch.nn.functional.normalize(qpos[:, 3:7], dim=-1)  # a tilted, still unit, quaternion
+        return qpos
+
+    def reward_and_termination(self, actions):
+        up, heading = self.up_and_heading()
+        h = self.torso_pos[:, 2]
+        reward = self.reward_fn(h, up, heading, self.qvel[:, 0], actions)
+        return reward, h.detach() < self.termination_height
+
+    reward_fn = staticmethod(ant_reward)
+    termination_height = 0.27
+
+    def critic_obs(self):
+        up, heading = self.up_and_heading()
+        return torch.cat([self.torso_pos[:, 2:3], self.torso_quat, self.qvel[:, :6], self.qpos[:, 7:],
+                          self.vel_obs_scale * self.qvel[:, 6:], up[:, None], heading[:, None], self.prev_actions],
+                         dim=-1)
+
+
+class HumanoidTask(AntTask):
+    name = "humanoid"
+    asset = "humanoid.xml"
+    motor_joints = ("abdomen_z", "abdomen_y", "abdomen_x", "hip_x_right", "hip_z_right", "hip_y_right",
+                    "knee_right", "ankle_y_right", "ankle_x_right", "hip_x_left", "hip_z_left", "hip_y_left",
+                    "knee_left", "ankle_y_left", "ankle_x_left", "shoulder1_right", "shoulder2_right", "elbow_right",
+                    "shoulder1_left", "shoulder2_left", "elbow_left")
+    # SHAC's motor strengths x its 0.35 scale; the MJCF's gears are these strengths, so the torques stay in range.
+    gears = (200, 200, 200, 200, 200, 600, 400, 100, 100, 200, 200, 600, 400, 100, 100, 100, 100, 200, 100, 100, 200)
+    strengths = tuple(0.35 * g for g in gears)
+    camera_offset = (0.0, -3.5, 1.1)
+    camera_lookat_z = 0.9
+    critic_obs_dim = 76
+    start_height = 1.3
+    reward_fn = staticmethod(humanoid_reward)
+    termination_height = 0.74
+
+    def start_pose(self):
+        return np.concatenate([[0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0], np.zeros(21)])
+
+
+TASKS = {"hopper": HopperTask, "ant": AntTask, "humanoid": HumanoidTask}
+
+
+def make_task(name: str, num_envs: int, device: torch.device, **kwargs) -> LocomotionTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name](num_envs, device, **kwargs)

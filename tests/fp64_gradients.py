@@ -1,0 +1,22 @@
+"""Finite-difference gradient checks that need fp64 (Genesis runs one precision per process): run by
+test_gradients_fp64.py in a subprocess; prints one JSON line of relative errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common.locomotion import make_task  # noqa: E402
+from test_locomotion_task import ant_on_its_feet, check_gradient, humanoid_in_the_air  # noqa: E402
+
+ant = make_task("ant", 2, torch.device("cpu"), image_size=None, precision="64")
+humanoid = make_task("humanoid", 2, torch.device("cpu"), image_size=None, precision="64")
+errors = {
+    "ant_contact_8_steps": check_gradient(ant, 8, *ant_on_its_feet(ant), eps=1e-4),
+    "humanoid_3_steps": check_gradient(humanoid, 3, *humanoid_in_the_air(humanoid), eps=1e-4),
+}
+print(json.dumps(errors))
