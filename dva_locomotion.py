@@ -270,15 +270,16 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
 
 
 def broken_envs(task) -> torch.Tensor:
-    """Envs whose state is non-finite or flagged by Genesis's solver; all of them if none can be singled out."""
-    broken = ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
-    return broken if broken.any() else torch.ones_like(broken)
+    """Envs whose state is non-finite or flagged by Genesis's solver (a blow-up freezes the state, it is no NaN)."""
+    return ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
 
 
 def reset_broken_envs(task, episode, frames=None) -> torch.Tensor:
-    """After a window that Genesis aborted: cut the tape, restart the broken envs (their episode is dropped)."""
+    """After a window that Genesis aborted: cut the tape, restart the broken envs (all, if none is flagged); their
+    episodes are dropped, not logged."""
+    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
+    env_ids = (broken if broken.any() else torch.ones_like(broken)).nonzero().flatten()
     task.cut_graph()
-    env_ids = broken_envs(task).nonzero().flatten()
     for v in episode.values():
         v[env_ids] = 0
     task.reset(env_ids)
@@ -484,7 +485,7 @@ if __name__ == "__main__":
             # Actor update: back-propagate through rewards, critic, dynamics and actions (not through images).
             start = time.perf_counter()
             grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
-            if skipped:  # the envs that blew up (or all of them, if none can be singled out) start over below
+            if skipped:  # the envs that blew up, if any, start over below; the others go on
                 nan_skips += 1
                 episode["ended"] |= broken_envs(task)
                 print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")

@@ -1,11 +1,13 @@
 """Where the time of one D.Va iteration goes: render, encoder, simulation forward/backward, critic.
 
-    python benchmarks/iteration_time.py --config cpu      # the README's CPU run: 32 envs, 32 x 64 px
-    python benchmarks/iteration_time.py --config paper    # the paper's: 64 envs, 84 x 84 px
+    python benchmarks/iteration_time.py --config cpu      # cartpole, the README's CPU run: 32 envs, 32 x 64 px
+    python benchmarks/iteration_time.py --config paper    # cartpole, the paper's: 64 envs, 84 x 84 px
     python benchmarks/iteration_time.py --config cpu --image-size 64 --image-width 64 --name cpu64   # any variant
+    python benchmarks/iteration_time.py --task humanoid --config paper    # locomotion: 64 envs, 84 x 84 px
 
-Runs a few warm iterations of the real training step (the functions of dva_cartpole.py, with timers around the
-renderer, the actor and the simulator), prints a table and writes results/iteration_time_<config>.json.
+Runs a few warm iterations of the real training step (the functions of dva_cartpole.py or dva_locomotion.py, with
+timers around the renderer, the actor and the simulator), prints a table and writes
+results/iteration_time_<config>.json (cartpole) or results/iteration_time_<task>_<config>.json.
 `backward_s` is the whole `scene.backward` (simulator and actor); the actor's share of it is measured by a separate
 backward of the actor alone on the same frames (`encoder_actor_backward_s`), and the rest is `sim_backward_s`.
 """
@@ -24,19 +26,19 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.cartpole import CartpoleTask  # noqa: E402
 from common.genesis_setup import resolve_device, resolve_renderer  # noqa: E402
 from common.utils import FrameStack, RunningMeanStd  # noqa: E402
-from dva_cartpole import (Actor, Args, Critic, finalize_args, rollout_window, td_lambda_targets,  # noqa: E402
-                          update_critic)
 
 CONFIGS = {"cpu": dict(num_envs=32, image_size=32, image_width=64), "paper": dict(num_envs=64, image_size=84)}
+LOCOMOTION_CONFIGS = {"cpu": dict(num_envs=16, image_size=48), "paper": dict(num_envs=64, image_size=84)}
 
 
 @dataclass
 class BenchArgs:
+    task: Literal["cartpole", "hopper", "ant", "humanoid"] = "cartpole"
+    """which task (and script: dva_cartpole.py or dva_locomotion.py)"""
     config: Literal["cpu", "paper"] = "cpu"
-    """cpu: the README's CPU run; paper: 64 envs at 84 x 84"""
+    """cpu: the README's CPU run (cartpole 32 envs at 32 x 64; locomotion 16 envs at 48 x 48); paper: 64 envs at 84 x 84"""
     iters: int = 5
     """timed iterations (after 2 warm-up iterations)"""
     device: str = "auto"
@@ -46,7 +48,7 @@ class BenchArgs:
     image_size: int = 0
     """override the config's image height (0: keep)"""
     image_width: int = 0
-    """override the config's image width (0: keep)"""
+    """override the config's image width (0: keep; cartpole only)"""
     name: str = ""
     """name of the result (default: the config's)"""
     out: str = "results"
@@ -68,15 +70,33 @@ def timed(fn, timer, key, inputs=None):
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    args = Args(**CONFIGS[bench.config])
-    args.num_envs = bench.num_envs or args.num_envs
-    args.image_size = bench.image_size or args.image_size
-    args.image_width = bench.image_width or args.image_width
-    args = finalize_args(args)  # the script's own defaults (pixels: lrs 2e-3 / 2e-4) and input checks
-    name = bench.name or bench.config
     device = resolve_device(bench.device)
     renderer = resolve_renderer("auto", device)
-    task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer)
+    if bench.task == "cartpole":
+        import dva_cartpole as algo
+        from common.cartpole import CartpoleTask
+
+        args = algo.Args(**CONFIGS[bench.config])
+        args.num_envs = bench.num_envs or args.num_envs
+        args.image_size = bench.image_size or args.image_size
+        args.image_width = bench.image_width or args.image_width
+        args = algo.finalize_args(args)  # the script's own defaults (pixels: lrs 2e-3 / 2e-4) and input checks
+        name = bench.name or bench.config
+        task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer)
+    else:
+        import dva_locomotion as algo
+        from common.locomotion import make_task
+
+        args = algo.Args(task=bench.task, **LOCOMOTION_CONFIGS[bench.config])
+        args.num_envs = bench.num_envs or args.num_envs
+        args.image_size = bench.image_size or args.image_size
+        args = algo.finalize_args(args)  # the task's paper defaults (networks, lrs)
+        args.image_width = args.image_size
+        name = bench.name or f"{bench.task}_{bench.config}"
+        task = make_task(bench.task, args.num_envs, device, image_size=(args.image_size, args.image_size),
+                         renderer=renderer)
+    Actor, Critic, rollout_window = algo.Actor, algo.Critic, algo.rollout_window
+    td_lambda_targets, update_critic = algo.td_lambda_targets, algo.update_critic
     actor = Actor((3 * args.frame_stack, args.image_size, args.image_width), task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
     target = Critic(task.critic_obs_dim, args.critic_hidden).to(device).requires_grad_(False)
@@ -133,10 +153,10 @@ if __name__ == "__main__":
             rows.append(row)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     mean["sim_backward_s"] = mean["backward_s"] - mean["encoder_actor_backward_s"]
-    result = {"config": name, "num_envs": args.num_envs, "horizon": args.horizon,
+    result = {"task": bench.task, "config": name, "num_envs": args.num_envs, "horizon": args.horizon,
               "image": [args.image_size, args.image_width], "device": str(device), "renderer": renderer,
               "torch_threads": torch.get_num_threads(), "iters": bench.iters, "mean": mean}
-    print(f"{name}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
+    print(f"{bench.task} {name}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
           f"{device}, {renderer}")
     for k, v in mean.items():
         print(f"  {k:32s} {v:8.3f}")

@@ -1,0 +1,169 @@
+"""dva_locomotion.py: recovery from non-finite windows (in process), and the script end to end per task."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dva_locomotion as dl
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "dva_locomotion.py")
+TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
+TAGS = ["charts/SPS", "charts/eval_return", "charts/eval_forward_velocity", "charts/nan_skips", "losses/actor_loss",
+        "losses/critic_loss", "grads/actor_grad_norm", "time/render_s", "time/forward_s", "time/backward_s",
+        "time/critic_s", "time/iteration_s"]
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: makes Genesis's backward pass meet a NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+@pytest.fixture
+def agent(hopper):
+    """State SHAC on the session's 2-env hopper, H = 8."""
+    args = dl.finalize_args(dl.Args(task="hopper", obs="state", num_envs=2, horizon=8, max_iters=10))
+    torch.manual_seed(0)
+    actor = dl.Actor((hopper.critic_obs_dim,), hopper.act_dim, (32, 32))
+    critic = dl.Critic(hopper.critic_obs_dim, (32,))
+    from common.utils import RunningMeanStd
+
+    obs_rms = RunningMeanStd((hopper.critic_obs_dim,))
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    episode = {k: torch.zeros(2, dtype=dt) for k, dt in (("return", torch.float), ("length", torch.long),
+                                                         ("ended", torch.bool))}
+    hopper.reset()
+    return hopper, args, actor, critic, obs_rms, opt, episode
+
+
+def window(agent):
+    task, args, actor, critic, obs_rms, opt, episode = agent
+    return dl.rollout_window(task, actor, critic, obs_rms, None, args, episode)[0]
+
+
+def params(actor):
+    return torch.cat([p.detach().flatten() for p in actor.parameters()])
+
+
+def test_nan_gradient_in_the_simulator_is_skipped(agent):
+    task, args, actor, *_, opt, _ = agent
+    before = params(actor)
+    loss = NanGrad.apply(window(agent))
+    end_qpos = task.qpos.detach().clone()
+    grad_norm, skipped = dl.actor_update(task, actor, opt, loss, args.max_grad_norm)
+    assert skipped and not torch.isfinite(torch.tensor(grad_norm))
+    assert torch.equal(params(actor), before)
+    assert torch.allclose(task.qpos, end_qpos, atol=1e-6)  # the scene is back at the window's end
+    # ... and training goes on: the next window updates the actor with a finite gradient.
+    grad_norm, skipped = dl.actor_update(task, actor, opt, window(agent), args.max_grad_norm)
+    assert not skipped and 0 < grad_norm < float("inf")
+    assert torch.isfinite(params(actor)).all() and not torch.equal(params(actor), before)
+
+
+def test_non_finite_actor_gradient_is_skipped(agent):
+    task, args, actor, *_, opt, _ = agent
+    before = params(actor)
+    handle = actor.mu.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    grad_norm, skipped = dl.actor_update(task, actor, opt, window(agent), args.max_grad_norm)
+    handle.remove()
+    assert skipped and torch.equal(params(actor), before)
+    grad_norm, skipped = dl.actor_update(task, actor, opt, window(agent), args.max_grad_norm)
+    assert not skipped and torch.isfinite(params(actor)).all()
+
+
+def test_blown_up_env_is_reset_and_training_continues(agent):
+    task, args, actor, *_, opt, episode = agent
+    with torch.no_grad():  # inject a blow-up into env 0: Genesis flags it and stops the next window
+        qvel = task.qvel.detach().clone()
+        qvel[0, 3] = 1e30
+        task.robot.set_dofs_velocity(qvel, envs_idx=torch.arange(2))
+    task.cut_graph()
+    try:
+        window(agent)
+        raised = False
+    except Exception as error:
+        assert "nan" in str(error).lower()
+        raised = True
+    if raised:
+        assert dl.reset_broken_envs(task, episode).tolist() == [0]
+    else:  # Genesis let the window finish: env 0 must have been terminated
+        assert episode["ended"].tolist() == [True, False]
+        task.reset(torch.tensor([0]))
+    assert not task.rigid.get_error_envs_mask().any() and task.progress[0] == 0
+    grad_norm, skipped = dl.actor_update(task, actor, opt, window(agent), args.max_grad_norm)
+    assert not skipped and torch.isfinite(params(actor)).all()
+    task.reset()
+
+
+# ------------------------------------------------------------------------------------------------------ the script
+def run(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("task", ["hopper", "ant", "humanoid"])
+def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
+    out = run(["--task", task, *TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"{task}__dva_locomotion__1__")
+    acc = scalars(run_dir)
+    missing = [t for t in TAGS if t not in acc.Tags()["scalars"]]
+    assert not missing, missing
+    assert len(acc.Scalars("charts/eval_forward_velocity")) == 2
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 4 and ckpt["args"]["task"] == task
+    assert re.search(r"iter 2/\d+ +return", out.stdout)
+    if task == "hopper":  # resume continues the count; eval-only takes the task and shapes from the checkpoint
+        out = run([*TINY, "--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
+                  tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 3
+        out = run(["--task", "ant", "--num-envs", "2", "--eval-steps", "5", "--eval-only",
+                   str(run_dir / "checkpoint.pt")], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert re.search(r"mean return -?[\d.]+, forward velocity -?[\d.]+ m/s", out.stdout)
+        assert (run_dir / "eval_only.mp4").stat().st_size > 1000
+
+
+def failed_cleanly(out, cwd):
+    assert out.returncode != 0
+    assert not (cwd / "runs").exists()
+    return out.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--num-envs", "0"], "--num-envs"),
+    (["--target-alpha", "1.5"], "--target-alpha"),
+    (["--resume", "no/such/checkpoint.pt"], "--resume"),
+])
+def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
+    lines = failed_cleanly(run(flags, tmp_path, timeout=120), tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+
+
+def test_unknown_task_and_unreadable_checkpoint(tmp_path):
+    lines = failed_cleanly(run(["--task", "walker"], tmp_path, timeout=120), tmp_path)
+    assert any("walker" in line for line in lines) and any("hopper" in line for line in lines)
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    lines = failed_cleanly(run(["--eval-only", str(bad)], tmp_path, timeout=120), tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read the checkpoint"), lines
