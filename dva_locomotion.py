@@ -535,7 +535,7 @@ if __name__ == "__main__":
                       f"forward velocity {speed:.2f} m/s", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
-            if iteration % args.log_every == 0 or last:
+            if iteration % args.log_every == 0 or iteration == start_iter or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)
                 print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "

@@ -302,6 +302,8 @@ class AntTask(LocomotionTask):
     camera_lookat_z = 0.3
     critic_obs_dim = 37
     start_height = 0.75
+    termination_height = 0.27
+    reward_fn = staticmethod(ant_reward)
 
     def start_pose(self):
         # brax's start: legs inside their joint limits (Genesis's bundled pose is outside them and launches the ant)
@@ -316,9 +318,6 @@ class AntTask(LocomotionTask):
         h = self.torso_pos[:, 2]
         reward = self.reward_fn(h, up, heading, self.qvel[:, 0], actions)
         return reward, h.detach() < self.termination_height
-
-    reward_fn = staticmethod(ant_reward)
-    termination_height = 0.27
 
     def critic_obs(self):
         up, heading = self.up_and_heading()
@@ -341,8 +340,8 @@ class HumanoidTask(AntTask):
     camera_lookat_z = 0.9
     critic_obs_dim = 76
     start_height = 1.3
-    reward_fn = staticmethod(humanoid_reward)
     termination_height = 0.74
+    reward_fn = staticmethod(humanoid_reward)
 
     def start_pose(self):
         return np.concatenate([[0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0], np.zeros(21)])
