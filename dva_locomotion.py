@@ -307,6 +307,8 @@ def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> 
 
 def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
     """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches."""
+    if len(states) == 0:  # no finite data in this window: nothing to learn from
+        return float("nan")
     states = obs_rms.normalize(states)
     batch = max(1, len(states) // args.critic_minibatches)
     loss = torch.zeros(())

@@ -40,6 +40,8 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor):
         x = x.reshape(-1, *self.mean.shape).to(self.mean)
+        if len(x) == 0:  # an empty batch (every env masked) must not turn the statistics into NaN
+            return
         batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
         delta = batch_mean - self.mean
         total = self.count + batch_count

@@ -51,6 +51,7 @@ def test_running_mean_std_matches_numpy():
     batches = [np.random.default_rng(i).normal(i, 1 + i, size=(50 + 10 * i, 3)) for i in range(4)]
     for batch in batches:
         rms.update(torch.tensor(batch, dtype=torch.float32))
+        rms.update(torch.zeros(0, 3))  # an empty batch (every env masked) changes nothing
     data = np.concatenate(batches)
     assert np.allclose(rms.mean.numpy(), data.mean(0), rtol=1e-4)
     assert np.allclose(rms.var.numpy(), data.var(0), rtol=1e-4)
