@@ -13,6 +13,7 @@ Humanoid sometimes makes Genesis's backward pass raise "Nan grad": such a window
 """
 
 import os
+import signal
 import sys
 import time
 from copy import deepcopy
@@ -462,6 +463,9 @@ if __name__ == "__main__":
     episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
                for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
+    # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     start_time = time.time()
     try:
         for iteration in range(start_iter, args.max_iters + 1):
@@ -548,7 +552,7 @@ if __name__ == "__main__":
                 print(f"stopping: --max-minutes {args.max_minutes} reached")
                 break
     except KeyboardInterrupt:
-        print("interrupted: saving the checkpoint")
+        print("interrupted: saving the checkpoint", flush=True)
     save(iteration)
     writer.close()
     print(f"checkpoint: {run_dir / 'checkpoint.pt'}")

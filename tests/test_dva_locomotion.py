@@ -167,3 +167,25 @@ def test_unknown_task_and_unreadable_checkpoint(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     lines = failed_cleanly(run(["--eval-only", str(bad)], tmp_path, timeout=120), tmp_path)
     assert len(lines) == 1 and lines[0].startswith("error: cannot read the checkpoint"), lines
+
+
+def test_kill_saves_a_checkpoint(tmp_path):
+    """`kill` (SIGTERM) of a running job ends it with a checkpoint, like Ctrl-C."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--task", "hopper", "--obs", "state", *TINY, "--max-iters",
+                             "100000", "--eval-every", "0", "--save-every", "100000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while "iter 1/" not in proc.stdout.readline():
+            assert time.time() < deadline and proc.poll() is None, "the run did not start"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted: saving the checkpoint" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] >= 1
