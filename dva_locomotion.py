@@ -88,7 +88,7 @@ class Args:
     log_every: int = 10
     """print a console line every this many iterations"""
     save_every: int = 100
-    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, and on Ctrl-C)"""
+    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
     """continue training from this checkpoint (iteration count, optimisers, schedules)"""
     eval_only: str | None = None
