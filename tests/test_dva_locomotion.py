@@ -3,14 +3,13 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import dva_locomotion as dl
+from script_helpers import ROOT, failed_cleanly, run_script, scalars
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
 TAGS = ["charts/SPS", "charts/eval_return", "charts/eval_forward_velocity", "charts/nan_skips", "losses/actor_loss",
@@ -108,15 +107,7 @@ def test_blown_up_env_is_reset_and_training_continues(agent):
 
 # ------------------------------------------------------------------------------------------------------ the script
 def run(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc
+    return run_script("dva_locomotion.py", args, cwd, timeout)
 
 
 @pytest.mark.parametrize("task", ["hopper", "ant", "humanoid"])
@@ -142,12 +133,6 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         assert re.search(r"mean return -?[\d.]+, forward velocity -?[\d.]+ m/s", out.stdout)
         assert (run_dir / "eval_only.mp4").stat().st_size > 1000
-
-
-def failed_cleanly(out, cwd):
-    assert out.returncode != 0
-    assert not (cwd / "runs").exists()
-    return out.stderr.strip().splitlines()
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -1,15 +1,11 @@
 """dva_cartpole.py end to end, as a user runs it: logging, checkpoints, resume, eval-only, bad input, learning."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import failed_cleanly, run_script, scalars
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "dva_cartpole.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
         "losses/actor_loss", "losses/critic_loss", "grads/actor_grad_norm", "time/render_s", "time/forward_s",
@@ -17,15 +13,7 @@ TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "chart
 
 
 def run(args, cwd, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def scalars(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc
+    return run_script("dva_cartpole.py", args, cwd, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +67,6 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 
 
-def failed_cleanly(out, cwd):
-    """The run exited non-zero, its last stderr line is an `error:` line, and it created no run folder."""
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error:"), out.stderr[-2000:]
-    assert not (cwd / "runs").exists()
-    return lines
-
-
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
     (["--horizon", "0"], "--horizon"),
@@ -98,7 +77,7 @@ def failed_cleanly(out, cwd):
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     lines = failed_cleanly(run(flags, tmp_path, timeout=120), tmp_path)
-    assert len(lines) == 1 and words in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
 
 
 def test_state_shac_learns_swing_up(tmp_path):

@@ -1,0 +1,28 @@
+"""Helpers for the tests that run a training script as a user does: in a subprocess, reading its TensorBoard log."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, args, cwd, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def scalars(run_dir):
+    """The run's TensorBoard events (all scalars and images kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def failed_cleanly(out, cwd):
+    """The run exited non-zero and created no run folder; returns its stderr lines."""
+    assert out.returncode != 0
+    assert not (cwd / "runs").exists()
+    return out.stderr.strip().splitlines()
