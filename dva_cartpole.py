@@ -36,7 +36,8 @@ class Args:
     device: str = "auto"
     """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
     renderer: str = "auto"
-    """auto | batch | rasterizer: Genesis renderer (auto: BatchRenderer on CUDA, Rasterizer on CPU)"""
+    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
+    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
     num_envs: int = 64
@@ -121,8 +122,8 @@ def finalize_args(args: Args) -> Args:
         problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
     if args.device not in ("auto", "cpu", "cuda"):
         problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch or rasterizer")
+    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
+        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")

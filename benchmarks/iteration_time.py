@@ -43,6 +43,8 @@ class BenchArgs:
     """timed iterations (after 2 warm-up iterations)"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    renderer: str = "auto"
+    """auto | batch | rasterizer | torch (as the scripts' --renderer)"""
     num_envs: int = 0
     """override the config's number of envs (0: keep)"""
     image_size: int = 0
@@ -71,7 +73,7 @@ def timed(fn, timer, key, inputs=None):
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
     device = resolve_device(bench.device)
-    renderer = resolve_renderer("auto", device)
+    renderer = resolve_renderer(bench.renderer, device)
     if bench.task == "cartpole":
         import dva_cartpole as algo
         from common.cartpole import CartpoleTask

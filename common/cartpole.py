@@ -9,6 +9,10 @@ The task API that every script uses (the locomotion tasks follow it too):
     task.critic_obs()                  # (N, 5) [x, xdot, sin th, cos th, thdot], differentiable
     task.backward(loss)                # back-propagate through the window, keep the end state
     task.reset(ended_env_ids)          # at the window boundary only (see GENESIS.md: mid-window resets leak)
+    task.link_poses(), task.camera_pose()   # the inputs of the torch renderer (common/diff_render.py)
+
+`renderer` is "rasterizer" or "batch" (Genesis's camera) or "torch" (no Genesis camera: `render()` is the torch ray
+caster of the same view, run without gradient).
 
 theta = 0 is the pole upright; episodes start with it hanging down (theta = -pi).
 """
@@ -79,21 +83,25 @@ class CartpoleTask:
             show_viewer=False,
         )
         self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSET)))
-        self.camera = None
+        self.camera = self.ray_caster = None
         if image_size is not None:
             height, width = image_size
             # Frame the track: |x| <= 2.8 m fills the width whatever the aspect ratio (fov is vertical).
             fov = 40.0
             distance = 2.8 / ((width / height) * math.tan(math.radians(fov / 2)))
+            self.camera_fov, self.camera_position = fov, (0.0, -distance, 0.0)
+        if image_size is not None and renderer != "torch":
             if renderer == "batch":
                 self.scene.add_light(pos=(0.0, -5.0, 3.0), dir=(0.3, 1.0, -0.6), intensity=4.0, directional=True,
                                      castshadow=False)
             self.camera = self.scene.add_camera(
-                res=(width, height), pos=(0.0, -distance, 0.0), lookat=(0.0, 0.0, 0.0), fov=fov, GUI=False,
+                res=(width, height), pos=self.camera_position, lookat=(0.0, 0.0, 0.0), fov=fov, GUI=False,
                 near=0.5, far=distance + 5.0,
             )
         self.scene.build(n_envs=num_envs)
         self.rigid = self.scene.sim.rigid_solver
+        if image_size is not None and renderer == "torch":
+            self.ray_caster = self.torch_renderer()
         self.dofs = [self.robot.get_joint("slider").dofs_idx_local[0], self.robot.get_joint("hinge").dofs_idx_local[0]]
         self.motor_dofs = self.dofs[:1]
         self.progress = torch.zeros(num_envs, dtype=torch.long, device=device)
@@ -198,15 +206,40 @@ class CartpoleTask:
         self._read_state()
 
     # ----------------------------------------------------------------------------------------------- images
+    def camera_pose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each env's camera position and look-at point (N, 3): the same fixed camera for all."""
+        if self.image_size is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        pos = torch.tensor(self.camera_position, device=self.device).expand(self.num_envs, 3)
+        return pos, torch.zeros_like(pos)
+
+    def link_poses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (N, L, 3) and quaternions (N, L, 4, wxyz) of all links: differentiable in grad mode."""
+        if self.requires_grad and torch.is_grad_enabled():
+            state = self.rigid.get_state()
+            return state.links_pos, state.links_quat
+        return self.rigid.get_links_pos(), self.rigid.get_links_quat()
+
+    def torch_renderer(self, image_size: tuple[int, int] | None = None, **kwargs):
+        """A `common.diff_render.TorchRenderer` of the cart, pole and rail from this task's camera."""
+        from common.diff_render import TorchRenderer, body_link_rows
+        if self.image_size is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        return TorchRenderer(ASSET, body_link_rows(ASSET, self.robot), image_size or self.image_size,
+                             self.camera_fov, self.device, floor=False, background=(0.1, 0.1, 0.12),
+                             light_dir=(0.3, 1.0, -0.6), **kwargs)
+
     @torch.no_grad()
     def render(self) -> torch.Tensor:
         """One RGB image per env, (N, H, W, 3) uint8 on the task's device."""
-        if self.camera is None:
+        if self.image_size is None:
             raise RuntimeError("this task was built without a camera (image_size=None)")
+        if self.ray_caster is not None:  # renderer="torch"
+            return (255 * self.ray_caster.render(*self.link_poses(), *self.camera_pose())).round().to(torch.uint8)
         # force_render: Genesis caches frames by tape step, and a reset under no_grad (evaluation) keeps the step,
         # so a cached frame could show the state from before the reset. We render once per step anyway.
         rgb = self.camera.render(rgb=True, force_render=True)[0]
-        rgb = torch.as_tensor(np.asarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
+        rgb = torch.as_tensor(np.ascontiguousarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
         if rgb.dim() == 3:  # a single env comes back without the batch axis
             rgb = rgb.unsqueeze(0)
         return rgb[..., :3].to(torch.uint8)

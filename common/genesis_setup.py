@@ -17,9 +17,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_renderer(renderer: str, device: torch.device) -> str:
-    """`auto` gives Genesis's BatchRenderer (Madrona) on CUDA and the OpenGL Rasterizer on the CPU."""
-    if renderer not in ("auto", "batch", "rasterizer"):
-        raise ValueError(f"unknown --renderer {renderer!r}: choose auto, batch or rasterizer")
+    """`auto` gives Genesis's BatchRenderer (Madrona) on CUDA and the OpenGL Rasterizer on the CPU; `torch` is our
+    own ray caster (common/diff_render.py), run without gradient."""
+    if renderer not in ("auto", "batch", "rasterizer", "torch"):
+        raise ValueError(f"unknown --renderer {renderer!r}: choose auto, batch, rasterizer or torch")
     if renderer == "batch" and device.type != "cuda":
         raise ValueError("--renderer batch needs CUDA (Genesis's BatchRenderer runs on the GPU only)")
     if renderer == "auto":

@@ -114,8 +114,8 @@ class LocomotionTask:
         self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)))
         with low_poly_visuals():  # default primitive meshes have thousands of faces: 5-10x slower CPU renders
             self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSETS / self.asset)))
-        self.camera = None
-        if image_size is not None:
+        self.camera = self.ray_caster = None
+        if image_size is not None and renderer != "torch":
             height, width = image_size
             if renderer == "batch":
                 self.scene.add_light(pos=(0.0, -5.0, 5.0), dir=(0.3, 1.0, -1.0), intensity=3.0, directional=True,
@@ -125,6 +125,8 @@ class LocomotionTask:
                                                 GUI=False, near=0.1, far=30.0)
         self.scene.build(n_envs=num_envs)
         self.rigid = self.scene.sim.rigid_solver
+        if image_size is not None and renderer == "torch":
+            self.ray_caster = self.torch_renderer()
         self.q_slice = slice(self.robot.q_start, self.robot.q_end)
         self.dof_slice = slice(self.robot.dof_start, self.robot.dof_end)
         self.torso = self.robot.get_link("torso").idx  # solver-global link index
@@ -255,19 +257,40 @@ class LocomotionTask:
         self._read_state()
 
     # ----------------------------------------------------------------------------------------------- images
+    def camera_pose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each env's camera position and look-at point (N, 3): beside the torso in the floor plane, at a fixed
+        height (so the robot's height shows in the image). Differentiable w.r.t. the torso position."""
+        x, y = self.torso_pos[:, 0], self.torso_pos[:, 1]
+        height, lookat_z = torch.full_like(x, self.camera_offset[2]), torch.full_like(x, self.camera_lookat_z)
+        pos = torch.stack([x + self.camera_offset[0], y + self.camera_offset[1], height], -1)
+        return pos, torch.stack([x, y, lookat_z], -1)
+
+    def link_poses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (N, L, 3) and quaternions (N, L, 4, wxyz) of all the scene's links: differentiable in grad
+        mode (the torch renderer's input), plain reads under torch.no_grad()."""
+        if self.requires_grad and torch.is_grad_enabled():
+            state = self.rigid.get_state()
+            return state.links_pos, state.links_quat
+        return self.rigid.get_links_pos(), self.rigid.get_links_quat()
+
+    def torch_renderer(self, image_size: tuple[int, int] | None = None, **kwargs):
+        """A `common.diff_render.TorchRenderer` of this robot, camera and floor (the Genesis camera's view)."""
+        from common.diff_render import TorchRenderer, body_link_rows
+        return TorchRenderer(ASSETS / self.asset, body_link_rows(ASSETS / self.asset, self.robot),
+                             image_size or self.image_size, self.camera_fov, self.device, floor=True, **kwargs)
+
     @torch.no_grad()
     def render(self) -> torch.Tensor:
         """One RGB image per env from a side camera that follows the torso in the floor plane (its height stays
         fixed, so the robot's height shows in the image): (N, H, W, 3) uint8 on the task's device."""
-        if self.camera is None:
+        if self.image_size is None:
             raise RuntimeError("this task was built without a camera (image_size=None)")
-        torso = self.torso_pos.detach().cpu().double().numpy()
-        pos = np.stack([torso[:, 0] + self.camera_offset[0], torso[:, 1] + self.camera_offset[1],
-                        np.full(self.num_envs, self.camera_offset[2])], axis=-1)
-        lookat = np.stack([torso[:, 0], torso[:, 1], np.full(self.num_envs, self.camera_lookat_z)], axis=-1)
+        if self.ray_caster is not None:  # renderer="torch"
+            return (255 * self.ray_caster.render(*self.link_poses(), *self.camera_pose())).round().to(torch.uint8)
+        pos, lookat = (p.cpu().double().numpy() for p in self.camera_pose())
         self.camera.set_pose(pos=pos, lookat=lookat, envs_idx=np.arange(self.num_envs))
         rgb = self.camera.render(rgb=True, force_render=True)[0]  # force: Genesis caches frames by tape step
-        rgb = torch.as_tensor(np.asarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
+        rgb = torch.as_tensor(np.ascontiguousarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
         if rgb.dim() == 3:
             rgb = rgb.unsqueeze(0)
         return rgb[..., :3].to(torch.uint8)
