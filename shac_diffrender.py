@@ -1,0 +1,557 @@
+"""SHAC with differentiable rendering (Genesis + a torch renderer): the baseline that D.Va decouples.
+
+Xu et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646),
+section 6's "SHAC with differentiable rendering". The loop is D.Va's (dva_cartpole.py, dva_locomotion.py) with one
+change: the actor's frames are drawn by `common/diff_render.py` from the simulator's differentiable link poses and are
+NOT detached. The policy gradient therefore also flows image -> renderer -> link poses -> dynamics -> earlier
+actions, the Jacobian D.Va drops. That costs memory and backward time (the paper's Table 1 and Fig. 10: fewer envs,
+shorter horizons on 3-D tasks) and gives larger gradient variance (its Fig. 9).
+
+    python shac_diffrender.py --task cartpole --num-envs 16 --image-size 32 --image-width 64   # CPU scale
+    python shac_diffrender.py --task ant                                                      # paper: 32 envs, H 8
+
+The Genesis camera is not used for the actor: the torch renderer draws the same view (tests/test_diff_render.py
+checks it against Genesis's Rasterizer).
+"""
+
+import os
+import signal
+import sys
+import time
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.checkpoint import checkpoint as recompute
+
+from common.encoder import Encoder
+from common.utils import FrameStack
+
+
+@dataclass
+class Args:
+    task: Literal["cartpole", "hopper", "ant", "humanoid"] = "cartpole"
+    """which task; it selects the defaults below (any flag overrides them)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of torch, numpy, python and the task's start states"""
+    device: str = "auto"
+    """auto | cpu | cuda: where torch, Genesis and the renderer run (auto: cuda if torch sees a GPU)"""
+    num_envs: int = 32
+    """number of parallel envs (the paper's 32: the renderer's graph is big)"""
+    horizon: int | None = None
+    """short horizon H (default: 32; 8 on the 3-D tasks ant and humanoid, as the paper's ant)"""
+    max_iters: int | None = None
+    """training iterations (default: D.Va's, cartpole 4000, hopper and ant 30000, humanoid 60000)"""
+    max_minutes: float = 0.0
+    """stop after this many minutes of wall clock (0 = no limit); learning rates still decay over max_iters"""
+    image_size: int = 84
+    """image height in pixels"""
+    image_width: int = 0
+    """image width in pixels (0 = square images)"""
+    frame_stack: int = 3
+    """number of stacked frames the actor sees"""
+    actor_hidden: tuple[int, ...] | None = None
+    """actor MLP widths (default per task: cartpole 64 64; hopper, ant 128 64 32; humanoid 256 128)"""
+    critic_hidden: tuple[int, ...] | None = None
+    """critic MLP widths (default per task: 64 64; humanoid 128 128)"""
+    actor_lr: float = 2e-3
+    """actor (and encoder) learning rate"""
+    critic_lr: float | None = None
+    """critic learning rate (default per task: cartpole and hopper 2e-4, ant 2e-3, humanoid 5e-4)"""
+    min_lr: float = 1e-5
+    """both learning rates decay linearly to this over max_iters"""
+    betas: tuple[float, float] = (0.7, 0.95)
+    """Adam betas of both optimisers"""
+    gamma: float = 0.99
+    """discount"""
+    lam: float = 0.95
+    """TD(lambda) parameter of the critic targets"""
+    critic_iterations: int = 16
+    """passes over the window's data per critic update"""
+    critic_minibatches: int = 4
+    """minibatches per pass"""
+    target_alpha: float | None = None
+    """target critic smoothing, target = alpha * target + (1 - alpha) * critic (default: 0.2; humanoid 0.995)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip of actor and critic"""
+    recompute_renderer: bool = True
+    """keep only the renderer's inputs during the window and redo its forward pass in the backward pass (activation
+    checkpointing): the same gradient, a fraction of the memory, one more render per step"""
+    eval_every: int = 25
+    """evaluate the deterministic policy every this many iterations (0 = only at the end)"""
+    eval_steps: int = 1000
+    """steps per evaluation episode of a locomotion task (cart-pole episodes are 240 steps)"""
+    log_every: int = 10
+    """print a console line every this many iterations"""
+    save_every: int = 100
+    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
+    resume: str | None = None
+    """continue training from this checkpoint (iteration count, optimisers, schedules)"""
+    eval_only: str | None = None
+    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
+    (--resume and --eval-only take the task and the networks' shapes from the checkpoint)"""
+    capture_video: bool = False
+    """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+
+TASK_DEFAULTS = {
+    "cartpole": dict(horizon=32, actor_hidden=(64, 64), critic_hidden=(64, 64), critic_lr=2e-4, target_alpha=0.2,
+                     max_iters=4000),
+    "hopper": dict(horizon=32, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-4, target_alpha=0.2,
+                   max_iters=30000),
+    "ant": dict(horizon=8, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-3, target_alpha=0.2,
+                max_iters=30000),
+    "humanoid": dict(horizon=8, actor_hidden=(256, 128), critic_hidden=(128, 128), critic_lr=5e-4,
+                     target_alpha=0.995, max_iters=60000),
+}
+SHAPE_ARGS = ("task", "image_size", "image_width", "frame_stack", "actor_hidden", "critic_hidden")
+"""Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
+
+
+def finalize_args(args: Args) -> Args:
+    """Fill the task's defaults and reject bad input before anything is built."""
+    if args.task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown --task {args.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.image_width = args.image_width or args.image_size
+    problems = []
+    for flag, value in (("--num-envs", args.num_envs), ("--horizon", args.horizon), ("--max-iters", args.max_iters),
+                        ("--eval-steps", args.eval_steps), ("--frame-stack", args.frame_stack)):
+        if value < 1:
+            problems.append(f"{flag} must be >= 1 (got {value})")
+    if min(args.image_size, args.image_width) < 15:
+        problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
+                        f"(got {args.image_size}x{args.image_width})")
+    if args.critic_minibatches < 1 or args.critic_iterations < 0:
+        problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
+    if not 0.0 <= args.target_alpha <= 1.0:
+        problems.append(f"--target-alpha must be in [0, 1] (got {args.target_alpha})")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
+    for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{flag}: no checkpoint file at {path}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return args
+
+
+def make_env(name: str, num_envs: int, device: torch.device, image_size: tuple[int, int], seed: int):
+    """The Genesis task, without a Genesis camera (renderer="torch": its `render()` is the torch ray caster), and the
+    torch renderer of the same view for the differentiable frames."""
+    if name == "cartpole":
+        from common.cartpole import CartpoleTask
+
+        task = CartpoleTask(num_envs, device, image_size=image_size, renderer="torch", seed=seed)
+    else:
+        from common.locomotion import make_task
+
+        task = make_task(name, num_envs, device, image_size=image_size, renderer="torch", seed=seed)
+    return task, task.torch_renderer()
+
+
+# ---------------------------------------------------------------------------------------------------------- networks
+def mlp(in_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    """Linear -> ELU -> LayerNorm per hidden layer (SHAC's and D.Va's MLPs)."""
+    layers = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ELU(), nn.LayerNorm(width)]
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Gaussian policy with tanh squashing: encoder -> trunk (Linear, LayerNorm, Tanh) -> MLP (as D.Va's)."""
+
+    def __init__(self, obs_shape: tuple[int, int, int], act_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.encoder = Encoder(obs_shape)
+        self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
+        self.mlp = mlp(hidden[0], hidden)
+        self.mu = nn.Linear(hidden[-1], act_dim)
+        self.logstd = nn.Parameter(torch.full((act_dim,), -1.0))
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        mu = self.mu(self.mlp(self.trunk(self.encoder(obs))))
+        if deterministic:
+            return torch.tanh(mu)
+        return torch.tanh(mu + self.logstd.exp() * torch.randn_like(mu))
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.net = nn.Sequential(mlp(obs_dim, hidden), nn.Linear(hidden[-1], 1))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------- algorithm
+def render(task, renderer, recompute_renderer: bool = False) -> torch.Tensor:
+    """(N, H, W, 3) images in [0, 255] from the current link poses: differentiable w.r.t. the state in grad mode
+    (the difference from D.Va), a plain ray cast under torch.no_grad()."""
+    inputs = (*task.link_poses(), *task.camera_pose())
+    if recompute_renderer and torch.is_grad_enabled():
+        image = recompute(renderer.render, *inputs, use_reentrant=False)
+    else:
+        image = renderer.render(*inputs)
+    return 255.0 * image
+
+
+def rollout_window(task, renderer, actor, target_critic, obs_rms, frames, args, episode):
+    """Simulate H steps of every env and build SHAC's actor loss; the frames stay in the graph.
+
+    Returns the loss (to be back-propagated through the actor, the renderer and the simulator) and the window's
+    detached data for the critic. An env that ends inside the window is masked for the rest of it and reset at the
+    boundary (a mid-window reset is not gradient-safe in Genesis).
+    """
+    n, h = task.num_envs, args.horizon
+    obs_buf = torch.zeros(h, n, task.critic_obs_dim, device=task.device)
+    rew_buf, next_value_buf = torch.zeros(h, n, device=task.device), torch.zeros(h, n, device=task.device)
+    done_buf = torch.zeros(h, n, dtype=torch.bool, device=task.device)
+    valid_buf = torch.zeros_like(done_buf)
+    alive = torch.ones(n, dtype=torch.bool, device=task.device)
+    discount, rew_acc = torch.ones(n, device=task.device), torch.zeros(n, device=task.device)
+    actor_loss = torch.zeros((), device=task.device)
+    frames.frames = frames.frames.detach()  # the previous window's frames belong to a cut tape
+    render_s = 0.0
+    for t in range(h):
+        obs_buf[t] = task.critic_obs().detach()
+        valid_buf[t] = alive
+        start = time.perf_counter()
+        obs = frames.push(render(task, renderer, args.recompute_renderer))
+        render_s += time.perf_counter() - start
+        reward, terminated, truncated = task.step(actor(obs))
+        next_value = torch.where(terminated, 0.0, target_critic(obs_rms.normalize(task.critic_obs())))
+        ends = alive & (terminated | truncated)
+        closes = alive if t == h - 1 else ends
+        rew_acc = rew_acc + discount * torch.where(alive, reward, 0.0)
+        actor_loss = actor_loss - torch.where(closes, rew_acc + args.gamma * discount * next_value, 0.0).sum()
+        discount = discount * args.gamma
+
+        rew_buf[t], next_value_buf[t] = reward.detach(), next_value.detach()
+        done_buf[t] = ends | (t == h - 1)
+        episode["return"] += torch.where(alive, reward.detach(), 0.0)
+        episode["length"] += alive.long()
+        episode["ended"] |= ends
+        alive = alive & ~ends
+    return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
+
+
+def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
+    """Back-propagate the window's loss (through the renderer and the simulator) and step the actor, or skip a bad
+    window: on a non-finite loss or gradient, or Genesis's "Nan grad", the simulator goes back to the window's end
+    state and the tape is cut. Returns (pre-clip gradient norm, skipped)."""
+    actor_opt.zero_grad()
+    if not torch.isfinite(actor_loss):
+        task.cut_graph()
+        return float("nan"), True
+    snapshot = task.snapshot()
+    try:
+        task.backward(actor_loss)
+    except Exception as error:  # Genesis raises its own exception type; only its NaN errors are recoverable
+        if "nan" not in str(error).lower():
+            raise
+        task.restore(snapshot)
+        task.cut_graph()
+        actor_opt.zero_grad()
+        return float("nan"), True
+    grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm).item()
+    if not np.isfinite(grad_norm):
+        actor_opt.zero_grad()
+        return grad_norm, True
+    actor_opt.step()
+    return grad_norm, False
+
+
+def broken_envs(task) -> torch.Tensor:
+    """Envs whose state is non-finite or flagged by Genesis's solver (a blow-up freezes the state, it is no NaN)."""
+    return ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
+
+
+def reset_broken_envs(task, renderer, episode, frames):
+    """After a window that Genesis aborted: cut the tape, restart the broken envs (all, if none is flagged)."""
+    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
+    env_ids = (broken if broken.any() else torch.ones_like(broken)).nonzero().flatten()
+    task.cut_graph()
+    for v in episode.values():
+        v[env_ids] = 0
+    task.reset(env_ids)
+    with torch.no_grad():
+        frames.reset(render(task, renderer), env_ids)
+
+
+def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
+    """TD(lambda) returns over a window (H, N), vectorised over envs, as in SHAC; dones[H-1] must be 1."""
+    h, n = rewards.shape
+    targets = torch.zeros_like(rewards)
+    weight, a, b = (torch.zeros(n, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
+    for t in reversed(range(h)):
+        d = dones[t].to(rewards.dtype)
+        weight = weight * lam * (1 - d) + d
+        a = (1 - d) * (lam * gamma * a + gamma * next_values[t] + (1 - weight) / (1 - lam) * rewards[t])
+        b = gamma * (next_values[t] * d + b * (1 - d)) + rewards[t]
+        targets[t] = (1 - lam) * a + weight * b
+    return targets
+
+
+def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
+    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches."""
+    if len(states) == 0:
+        return float("nan")
+    states = obs_rms.normalize(states)
+    batch = max(1, len(states) // args.critic_minibatches)
+    loss = torch.zeros(())
+    for _ in range(args.critic_iterations):
+        perm = torch.randperm(len(states), device=states.device)
+        for i in range(args.critic_minibatches):
+            idx = perm[i * batch : (i + 1) * batch]
+            loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+            critic_opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            critic_opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, alpha: float):
+    for tp, sp in zip(target.parameters(), source.parameters()):
+        tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+
+
+def evaluate(task, renderer, actor, args, capture_video: bool = False):
+    """One episode per env with the mean action; the training batch is put back afterwards.
+
+    Returns (mean return, score, frames of env 0 or None). The score is the cart-pole's success rate (pole within
+    0.3 rad of upright over the last 60 steps of a full episode) or the locomotion's forward velocity (distance over
+    the evaluation's full duration).
+    """
+    cartpole = args.task == "cartpole"
+    snapshot = task.snapshot()
+    video, frames = [], FrameStack(args.frame_stack)
+    with torch.no_grad():
+        task.reset()
+        image = render(task, renderer)
+        frames.reset(image)
+        returns, speed = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
+        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
+        upright = torch.ones_like(alive)
+        steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
+        for t in range(steps):
+            if capture_video:
+                video.append(image[0].round().to(torch.uint8).cpu().numpy())
+            reward, terminated, _ = task.step(actor(frames.frames, deterministic=True))
+            returns += torch.where(alive, reward, 0.0)
+            alive &= ~terminated
+            if cartpole and t >= steps - 60:
+                upright &= task.pole_angle().abs() < 0.3
+            if not cartpole:
+                speed += torch.where(alive, task.forward_velocity(), 0.0)
+                if not alive.any():
+                    break
+            image = render(task, renderer)
+            frames.push(image)
+    task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
+    clip = np.stack(video) if capture_video else None
+    score = (alive & upright).float().mean().item() if cartpole else (speed / steps).mean().item()
+    return returns.mean().item(), score, clip
+
+
+def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
+    return base + (min_lr - base) * min(iteration / max_iters, 1.0)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume or args.eval_only:
+        path = args.resume or args.eval_only
+        if not Path(path).is_file():
+            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
+                setattr(args, key, checkpoint["args"][key])
+        except Exception as error:  # a truncated or foreign file
+            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    try:
+        args = finalize_args(args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from common.genesis_setup import resolve_device
+    from common.utils import (RunningMeanStd, hparams_table, rng_state, run_name, save_checkpoint, seed_everything,
+                              set_rng_state, write_video)
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    seed_everything(args.seed)
+    score_tag = "charts/eval_success" if args.task == "cartpole" else "charts/eval_forward_velocity"
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    image_size = (args.image_size, args.image_width)
+    task, renderer = make_env(args.task, args.num_envs, device, image_size, args.seed)
+    actor = Actor((3 * args.frame_stack, *image_size), task.act_dim, args.actor_hidden).to(device)
+    critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
+    target_critic = deepcopy(critic).requires_grad_(False)
+    obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr, betas=args.betas)
+    start_iter, global_step = 1, 0
+    if checkpoint is not None:
+        try:
+            for module, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
+                                (obs_rms, "obs_rms")):
+                module.load_state_dict(checkpoint[key])
+        except (RuntimeError, KeyError) as error:
+            sys.exit(f"error: the checkpoint does not fit this script's networks: {error}")
+
+    if args.eval_only:
+        ret, score, clip = evaluate(task, renderer, actor, args, capture_video=True)
+        out = Path(args.eval_only).with_name("eval_only.mp4")
+        write_video(clip, out)
+        print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, {score_tag.split('/')[1]} {score:.2f}; "
+              f"video: {out}")
+        sys.exit(0)
+
+    if checkpoint is not None:
+        actor_opt.load_state_dict(checkpoint["actor_opt"])
+        critic_opt.load_state_dict(checkpoint["critic_opt"])
+        start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+        set_rng_state(checkpoint["rng"])
+        task.generator.set_state(checkpoint["task_rng"])
+        run_dir = Path(args.resume).parent
+    else:
+        run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", hparams_table(args))
+    print(f"run folder: {run_dir}  (tensorboard --logdir runs)  task {args.task}, {args.num_envs} envs, "
+          f"H {args.horizon}, {args.image_size}x{args.image_width} px, device {device}")
+
+    def save(iteration: int):
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
+            "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "iteration": iteration, "global_step": global_step, "rng": rng_state(),
+            "task_rng": task.generator.get_state(), "args": vars(args),
+        })
+
+    # ------------------------------------------------------------------------------------------------ training loop
+    frames = FrameStack(args.frame_stack)
+    with torch.no_grad():
+        frames.reset(render(task, renderer))
+    episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
+               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    recent_returns, nan_skips, iteration = [], 0, start_iter - 1
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill` end the run with a checkpoint
+        signal.signal(sig, signal.default_int_handler)
+    start_time = time.time()
+    try:
+        for iteration in range(start_iter, args.max_iters + 1):
+            iter_start = time.perf_counter()
+            for opt, base in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr)):
+                for group in opt.param_groups:
+                    group["lr"] = linear_lr(base, args.min_lr, iteration - 1, args.max_iters)
+
+            # Rollout: H differentiable steps, differentiable frames, and the actor loss.
+            start = time.perf_counter()
+            try:
+                actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
+                    task, renderer, actor, target_critic, obs_rms, frames, args, episode)
+            except Exception as error:  # Genesis stops a window in which an env blew up ("... causing 'nan'")
+                if "nan" not in str(error).lower():
+                    raise
+                nan_skips += 1
+                reset_broken_envs(task, renderer, episode, frames)
+                print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
+                continue
+            forward_s = time.perf_counter() - start - render_s
+
+            # Actor update: back-propagate through rewards, critic, dynamics, actions AND the rendered images.
+            start = time.perf_counter()
+            grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
+            if skipped:
+                nan_skips += 1
+                episode["ended"] |= broken_envs(task)
+                print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
+            backward_s = time.perf_counter() - start
+
+            # Critic update on the window's states with TD(lambda) targets (finite data only).
+            start = time.perf_counter()
+            valid &= torch.isfinite(states).all(-1) & torch.isfinite(rewards) & torch.isfinite(next_values)
+            obs_rms.update(states[valid])
+            targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
+            valid &= torch.isfinite(targets)
+            critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+            soft_update(target_critic, critic, args.target_alpha)
+            critic_s = time.perf_counter() - start
+
+            # Bookkeeping and the resets of ended envs, at the window boundary.
+            global_step += args.num_envs * args.horizon
+            ended = episode["ended"].nonzero().flatten()
+            for i in ended.tolist():
+                recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
+                writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
+                writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
+            for v in episode.values():
+                v[ended] = 0
+            task.reset(ended)
+            if len(ended) > 0:
+                with torch.no_grad():
+                    frames.reset(render(task, renderer), ended)
+            iteration_s = time.perf_counter() - iter_start
+
+            elapsed = time.time() - start_time
+            sps = int((iteration - start_iter + 1) * args.num_envs * args.horizon / elapsed)
+            for tag, value in (("losses/actor_loss", actor_loss.item()), ("losses/critic_loss", critic_loss),
+                               ("grads/actor_grad_norm", grad_norm), ("charts/SPS", sps),
+                               ("charts/learning_rate", actor_opt.param_groups[0]["lr"]),
+                               ("charts/nan_skips", nan_skips), ("charts/wall_minutes", elapsed / 60),
+                               ("time/render_s", render_s), ("time/forward_s", forward_s),
+                               ("time/backward_s", backward_s), ("time/critic_s", critic_s),
+                               ("time/iteration_s", iteration_s)):
+                writer.add_scalar(tag, value, global_step)
+            out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
+            last = iteration == args.max_iters or out_of_time
+            if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
+                ret, score, clip = evaluate(task, renderer, actor, args, capture_video=args.capture_video)
+                writer.add_scalar("charts/eval_return", ret, global_step)
+                writer.add_scalar(score_tag, score, global_step)
+                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                      f"{score_tag.split('/')[1]} {score:.2f}", flush=True)
+                if clip is not None:
+                    write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
+            if iteration % args.log_every == 0 or iteration == start_iter or last:
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)
+                print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
+                      f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min", flush=True)
+            if iteration % args.save_every == 0:
+                save(iteration)
+            if out_of_time:
+                print(f"stopping: --max-minutes {args.max_minutes} reached")
+                break
+    except KeyboardInterrupt:
+        print("interrupted: saving the checkpoint", flush=True)
+    save(iteration)
+    writer.close()
+    print(f"checkpoint: {run_dir / 'checkpoint.pt'}")
