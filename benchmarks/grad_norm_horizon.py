@@ -1,0 +1,140 @@
+"""The paper's Fig. 9 on this machine: the actor's policy-gradient norm vs the horizon, D.Va vs SHAC with
+differentiable rendering.
+
+    python benchmarks/grad_norm_horizon.py                      # cartpole and ant, H 8 16 32 64, 5 seeds, 16 envs
+    python benchmarks/grad_norm_horizon.py --tasks cartpole --seeds 3
+
+For every task, seed and horizon: a freshly initialised actor and critic (seeded), the envs reset (seeded), one
+window of H steps through the script's own rollout function, `scene.backward`, and the actor gradient's norm before
+clipping. Both methods see the same task, seeds and start states; D.Va's frames come from Genesis's camera, SHAC-
+diffrender's from the torch renderer (in the graph). Prints median and quartiles over seeds, writes
+results/grad_norm_horizon.json and .png (median, with the interquartile range shaded, log scale).
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class BenchArgs:
+    tasks: list[str] = field(default_factory=lambda: ["cartpole", "ant"])
+    """tasks (cartpole, hopper, ant, humanoid)"""
+    horizons: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    """window lengths"""
+    seeds: int = 5
+    """seeds per (task, horizon, method)"""
+    num_envs: int = 16
+    """envs per window"""
+    image_size: int = 48
+    """image height (cart-pole: 32 x 64 whatever this is)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    out: str = "results"
+    """folder for the JSON and the plot"""
+
+
+def window_grad_norm(task, renderer, method, args, actor_hidden, critic_hidden, size, seed, dva, sd):
+    from common.utils import FrameStack, RunningMeanStd
+
+    torch.manual_seed(seed)
+    task.generator.manual_seed(seed)
+    actor_cls = dva.Actor if method == "dva" else sd.Actor
+    actor = actor_cls((3 * args.frame_stack, *size), task.act_dim, actor_hidden).to(task.device)
+    target = dva.Critic(task.critic_obs_dim, critic_hidden).to(task.device).requires_grad_(False)
+    obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(task.device)
+    task.reset()
+    frames = FrameStack(args.frame_stack)
+    with torch.no_grad():
+        frames.reset(task.render() if method == "dva" else sd.render(task, renderer))
+    episode = {k: torch.zeros(task.num_envs, dtype=dt, device=task.device)
+               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    torch.manual_seed(seed)  # the same action noise for both methods
+    if method == "dva":
+        loss, _, _ = dva.rollout_window(task, actor, target, obs_rms, frames, args, episode)
+    else:
+        loss, _, _ = sd.rollout_window(task, renderer, actor, target, obs_rms, frames, args, episode)
+    try:
+        task.backward(loss)
+    except Exception as error:  # Genesis's "Nan grad": record it as infinite
+        if "nan" not in str(error).lower():
+            raise
+        task.cut_graph()
+        return float("inf")
+    return torch.nn.utils.clip_grad_norm_(actor.parameters(), float("inf")).item()
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task_name in zip(axes[0], tasks):
+        for method, colour in (("dva", "tab:blue"), ("diffrender", "tab:red")):
+            rows = sorted((r for r in results if r["task"] == task_name and r["method"] == method),
+                          key=lambda r: r["horizon"])
+            hs = [r["horizon"] for r in rows]
+            ax.plot(hs, [r["median"] for r in rows], "o-", color=colour, label=method)
+            ax.fill_between(hs, [r["q25"] for r in rows], [r["q75"] for r in rows], color=colour, alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("horizon H")
+        ax.set_title(f"{task_name}: actor gradient norm")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(BenchArgs)
+    from common.genesis_setup import resolve_device, resolve_renderer
+
+    import shac_diffrender as sd
+
+    device = resolve_device(bench.device)
+    results = []
+    for task_name in bench.tasks:
+        if task_name == "cartpole":
+            import dva_cartpole as dva
+            from common.cartpole import CartpoleTask
+
+            size = (32, 64)
+            args = dva.finalize_args(dva.Args(num_envs=bench.num_envs, image_size=size[0], image_width=size[1]))
+            task = CartpoleTask(bench.num_envs, device, image_size=size, renderer=resolve_renderer("auto", device))
+        else:
+            import dva_locomotion as dva
+            from common.locomotion import make_task
+
+            size = (bench.image_size, bench.image_size)
+            args = dva.finalize_args(dva.Args(task=task_name, num_envs=bench.num_envs, image_size=size[0]))
+            task = make_task(task_name, bench.num_envs, device, image_size=size,
+                             renderer=resolve_renderer("auto", device))
+        renderer = task.torch_renderer()
+        args.recompute_renderer = True
+        for horizon in bench.horizons:
+            args.horizon = horizon
+            for method in ("dva", "diffrender"):
+                norms = [window_grad_norm(task, renderer, method, args, args.actor_hidden, args.critic_hidden, size,
+                                          seed, dva, sd) for seed in range(1, bench.seeds + 1)]
+                q25, median, q75 = np.percentile(norms, [25, 50, 75])
+                results.append(dict(task=task_name, method=method, horizon=horizon, norms=norms, median=median,
+                                    q25=q25, q75=q75))
+                print(f"{task_name:9s} H={horizon:3d} {method:10s} grad norm median {median:10.4g}  "
+                      f"[{q25:.4g}, {q75:.4g}]  ({', '.join(f'{x:.3g}' for x in norms)})", flush=True)
+    out_dir = ROOT / bench.out
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "grad_norm_horizon.json").write_text(json.dumps(
+        dict(num_envs=bench.num_envs, image_size=bench.image_size, device=str(device), results=results), indent=2))
+    plot(results, out_dir / "grad_norm_horizon.png")
+    print(f"written: {out_dir / 'grad_norm_horizon.json'} and .png")
