@@ -48,9 +48,11 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
-    # 68 more iterations x 4 steps > 240: every env reaches its time limit, so episodic tags appear.
-    out = run([*TINY, "--max-iters", "70", "--eval-every", "0", "--resume", str(ckpt)], cwd)
+    # 68 more iterations x 4 steps > 240: every env reaches its time limit, so episodic tags appear. The resumed run
+    # draws its frames with the torch ray caster (the renderer is not part of the checkpoint's shapes).
+    out = run([*TINY, "--max-iters", "70", "--eval-every", "0", "--renderer", "torch", "--resume", str(ckpt)], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "renderer torch" in out.stdout
     after = torch.load(ckpt, weights_only=False)
     assert after["iteration"] == 70 and after["global_step"] == 70 * 2 * 4
     assert not torch.equal(after["actor"]["mu.weight"], before["actor"]["mu.weight"])
