@@ -110,7 +110,8 @@ class LocomotionTask:
             else gs.renderers.Rasterizer(),
             show_viewer=False,
         )
-        # A checker floor of 1 m tiles: its motion in the tracking camera's images is the policy's cue for speed.
+        # A checker floor (0.5 m checks, repeating every 1 m): its motion in the tracking camera's images is the
+        # policy's cue for speed.
         self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)))
         with low_poly_visuals():  # default primitive meshes have thousands of faces: 5-10x slower CPU renders
             self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSETS / self.asset)))

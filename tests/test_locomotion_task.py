@@ -90,7 +90,7 @@ def test_step_time_limit_and_blow_up(hopper):
 @pytest.mark.parametrize("name", ["hopper", "ant"])
 def test_camera_follows_the_torso(name, request):
     """After the robot moves 2.5 m forward (and 1 m sideways), it is still drawn at the image's centre (2.5, not 2: the
-    checker floor repeats every 2 m and the floor check below would see the same picture)."""
+    checker floor repeats every 1 m, measured, and the floor check below would see the same picture)."""
     task = request.getfixturevalue(name)
     qpos = task.start_qpos.repeat(2, 1)
     qpos[1, 0] += 2.5
