@@ -20,10 +20,10 @@ theta = 0 is the pole upright; episodes start with it hanging down (theta = -pi)
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.genesis_setup import init_genesis
+from common.task_images import TaskImages
 
 ASSET = Path(__file__).parent / "assets" / "cartpole.xml"
 
@@ -39,7 +39,7 @@ def cartpole_reward(x, xdot, theta, thetadot):
     return 10.0 - theta**2 - 0.1 * thetadot**2 - 0.05 * x**2 - 0.1 * xdot**2
 
 
-class CartpoleTask:
+class CartpoleTask(TaskImages):
     name = "cartpole"
     act_dim = 1
     critic_obs_dim = 5
@@ -49,6 +49,8 @@ class CartpoleTask:
     track_limit = 2.5  # |x| beyond this ends the episode (the cart leaves the picture)
     start_qpos_noise = math.pi / 12
     start_qvel_noise = 0.05
+    mjcf = ASSET
+    torch_view = dict(floor=False, background=(0.1, 0.1, 0.12), light_dir=(0.3, 1.0, -0.6))  # as the Genesis scene
 
     def __init__(
         self,
@@ -212,34 +214,3 @@ class CartpoleTask:
             raise RuntimeError("this task was built without a camera (image_size=None)")
         pos = torch.tensor(self.camera_position, device=self.device).expand(self.num_envs, 3)
         return pos, torch.zeros_like(pos)
-
-    def link_poses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (N, L, 3) and quaternions (N, L, 4, wxyz) of all links: differentiable in grad mode."""
-        if self.requires_grad and torch.is_grad_enabled():
-            state = self.rigid.get_state()
-            return state.links_pos, state.links_quat
-        return self.rigid.get_links_pos(), self.rigid.get_links_quat()
-
-    def torch_renderer(self, image_size: tuple[int, int] | None = None, **kwargs):
-        """A `common.diff_render.TorchRenderer` of the cart, pole and rail from this task's camera."""
-        from common.diff_render import TorchRenderer, body_link_rows
-        if self.image_size is None:
-            raise RuntimeError("this task was built without a camera (image_size=None)")
-        return TorchRenderer(ASSET, body_link_rows(ASSET, self.robot), image_size or self.image_size,
-                             self.camera_fov, self.device, floor=False, background=(0.1, 0.1, 0.12),
-                             light_dir=(0.3, 1.0, -0.6), **kwargs)
-
-    @torch.no_grad()
-    def render(self) -> torch.Tensor:
-        """One RGB image per env, (N, H, W, 3) uint8 on the task's device."""
-        if self.image_size is None:
-            raise RuntimeError("this task was built without a camera (image_size=None)")
-        if self.ray_caster is not None:  # renderer="torch"
-            return (255 * self.ray_caster.render(*self.link_poses(), *self.camera_pose())).round().to(torch.uint8)
-        # force_render: Genesis caches frames by tape step, and a reset under no_grad (evaluation) keeps the step,
-        # so a cached frame could show the state from before the reset. We render once per step anyway.
-        rgb = self.camera.render(rgb=True, force_render=True)[0]
-        rgb = torch.as_tensor(np.ascontiguousarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
-        if rgb.dim() == 3:  # a single env comes back without the batch axis
-            rgb = rgb.unsqueeze(0)
-        return rgb[..., :3].to(torch.uint8)

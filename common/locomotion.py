@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.genesis_setup import init_genesis, low_poly_visuals
+from common.task_images import TaskImages
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -57,7 +58,7 @@ def humanoid_reward(h, up, heading, vx, actions):
     return vx + 0.1 * up + heading + height_reward(h - 0.84, -1.0, 0.1, 10.0) - 0.002 * (actions**2).sum(-1)
 
 
-class LocomotionTask:
+class LocomotionTask(TaskImages):
     """The shared machinery: scene, floor, tracking camera, state reads, resets, tape handling.
 
     A subclass gives the model, the motors and their strengths, the start pose, the reward, the termination and the
@@ -78,6 +79,11 @@ class LocomotionTask:
     start_qvel_noise = 0.05
     vel_obs_scale = 0.1
     heading_target = (1e4, 0.0)
+    torch_view = dict(floor=True)  # the torch renderer's scene: our checker floor, sky and light are its defaults
+
+    @property
+    def mjcf(self) -> Path:
+        return ASSETS / self.asset
 
     def __init__(
         self,
@@ -266,35 +272,10 @@ class LocomotionTask:
         pos = torch.stack([x + self.camera_offset[0], y + self.camera_offset[1], height], -1)
         return pos, torch.stack([x, y, lookat_z], -1)
 
-    def link_poses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (N, L, 3) and quaternions (N, L, 4, wxyz) of all the scene's links: differentiable in grad
-        mode (the torch renderer's input), plain reads under torch.no_grad()."""
-        if self.requires_grad and torch.is_grad_enabled():
-            state = self.rigid.get_state()
-            return state.links_pos, state.links_quat
-        return self.rigid.get_links_pos(), self.rigid.get_links_quat()
-
-    def torch_renderer(self, image_size: tuple[int, int] | None = None, **kwargs):
-        """A `common.diff_render.TorchRenderer` of this robot, camera and floor (the Genesis camera's view)."""
-        from common.diff_render import TorchRenderer, body_link_rows
-        return TorchRenderer(ASSETS / self.asset, body_link_rows(ASSETS / self.asset, self.robot),
-                             image_size or self.image_size, self.camera_fov, self.device, floor=True, **kwargs)
-
-    @torch.no_grad()
-    def render(self) -> torch.Tensor:
-        """One RGB image per env from a side camera that follows the torso in the floor plane (its height stays
-        fixed, so the robot's height shows in the image): (N, H, W, 3) uint8 on the task's device."""
-        if self.image_size is None:
-            raise RuntimeError("this task was built without a camera (image_size=None)")
-        if self.ray_caster is not None:  # renderer="torch"
-            return (255 * self.ray_caster.render(*self.link_poses(), *self.camera_pose())).round().to(torch.uint8)
+    def _place_cameras(self):
+        """The Genesis camera of each env follows its torso (`camera_pose()`)."""
         pos, lookat = (p.cpu().double().numpy() for p in self.camera_pose())
         self.camera.set_pose(pos=pos, lookat=lookat, envs_idx=np.arange(self.num_envs))
-        rgb = self.camera.render(rgb=True, force_render=True)[0]  # force: Genesis caches frames by tape step
-        rgb = torch.as_tensor(np.ascontiguousarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
-        if rgb.dim() == 3:
-            rgb = rgb.unsqueeze(0)
-        return rgb[..., :3].to(torch.uint8)
 
 
 class HopperTask(LocomotionTask):

@@ -26,3 +26,9 @@ def failed_cleanly(out, cwd):
     assert out.returncode != 0
     assert not (cwd / "runs").exists()
     return out.stderr.strip().splitlines()
+
+
+def assert_one_clear_error(out, cwd, words):
+    """The run failed cleanly with one line, "error: ...", that names `words`."""
+    lines = failed_cleanly(out, cwd)
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines

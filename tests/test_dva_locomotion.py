@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dva_locomotion as dl
-from script_helpers import ROOT, failed_cleanly, run_script, scalars
+from script_helpers import ROOT, assert_one_clear_error, failed_cleanly, run_script, scalars
 
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
@@ -141,8 +141,7 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
-    lines = failed_cleanly(run(flags, tmp_path, timeout=120), tmp_path)
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+    assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
 
 
 def test_unknown_task_and_unreadable_checkpoint(tmp_path):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from script_helpers import failed_cleanly, run_script, scalars
+from script_helpers import assert_one_clear_error, failed_cleanly, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
@@ -78,8 +78,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     (["--eval-only", "missing.pt"], "--eval-only"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
-    lines = failed_cleanly(run(flags, tmp_path, timeout=120), tmp_path)
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+    assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
 
 
 def test_state_shac_learns_swing_up(tmp_path):
