@@ -79,35 +79,19 @@ class PeakRSS:
 
 
 def measure(task_name: str, method: str, bench: BenchArgs) -> dict:
-    from common.genesis_setup import resolve_device, resolve_renderer
+    from common.genesis_setup import resolve_device
     from common.utils import FrameStack, RunningMeanStd
+    from dva_setup import dva_setup
 
     device = resolve_device(bench.device)
     cfg = CONFIGS[bench.config]
-    if task_name == "cartpole":
-        import dva_cartpole as dva
-
-        size = (32, 64) if bench.config == "cpu" else (cfg["image_size"],) * 2
-        args = dva.finalize_args(dva.Args(num_envs=cfg["num_envs"], image_size=size[0], image_width=size[1]))
-    else:
-        import dva_locomotion as dva
-
-        size = (cfg["image_size"],) * 2
-        args = dva.finalize_args(dva.Args(task=task_name, num_envs=cfg["num_envs"], image_size=size[0]))
+    size = (32, 64) if task_name == "cartpole" and bench.config == "cpu" else (cfg["image_size"],) * 2
+    dva, args, task = dva_setup(task_name, cfg["num_envs"], size, device, build_task=method == "dva")
     if bench.config == "paper":
         args.horizon = 32
     import shac_diffrender as sd
 
     if method == "dva":
-        if task_name == "cartpole":
-            from common.cartpole import CartpoleTask
-
-            task = CartpoleTask(args.num_envs, device, image_size=size, renderer=resolve_renderer("auto", device))
-        else:
-            from common.locomotion import make_task
-
-            task = make_task(task_name, args.num_envs, device, image_size=size,
-                             renderer=resolve_renderer("auto", device))
         actor_cls, rollout = dva.Actor, dva.rollout_window
     else:
         task, renderer = sd.make_env(task_name, args.num_envs, device, size, seed=1)

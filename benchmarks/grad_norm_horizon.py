@@ -98,28 +98,15 @@ def plot(results, path):
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
-    from common.genesis_setup import resolve_device, resolve_renderer
-
     import shac_diffrender as sd
+    from common.genesis_setup import resolve_device
+    from dva_setup import dva_setup
 
     device = resolve_device(bench.device)
     results = []
     for task_name in bench.tasks:
-        if task_name == "cartpole":
-            import dva_cartpole as dva
-            from common.cartpole import CartpoleTask
-
-            size = (32, 64)
-            args = dva.finalize_args(dva.Args(num_envs=bench.num_envs, image_size=size[0], image_width=size[1]))
-            task = CartpoleTask(bench.num_envs, device, image_size=size, renderer=resolve_renderer("auto", device))
-        else:
-            import dva_locomotion as dva
-            from common.locomotion import make_task
-
-            size = (bench.image_size, bench.image_size)
-            args = dva.finalize_args(dva.Args(task=task_name, num_envs=bench.num_envs, image_size=size[0]))
-            task = make_task(task_name, bench.num_envs, device, image_size=size,
-                             renderer=resolve_renderer("auto", device))
+        size = (32, 64) if task_name == "cartpole" else (bench.image_size, bench.image_size)
+        dva, args, task = dva_setup(task_name, bench.num_envs, size, device)
         renderer = task.torch_renderer()
         args.recompute_renderer = True
         for horizon in bench.horizons:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.genesis_setup import resolve_device, resolve_renderer  # noqa: E402
 from common.utils import FrameStack, RunningMeanStd  # noqa: E402
+from dva_setup import dva_setup  # noqa: E402
 
 CONFIGS = {"cpu": dict(num_envs=32, image_size=32, image_width=64), "paper": dict(num_envs=64, image_size=84)}
 LOCOMOTION_CONFIGS = {"cpu": dict(num_envs=16, image_size=48), "paper": dict(num_envs=64, image_size=84)}
@@ -74,29 +75,14 @@ if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
     device = resolve_device(bench.device)
     renderer = resolve_renderer(bench.renderer, device)
-    if bench.task == "cartpole":
-        import dva_cartpole as algo
-        from common.cartpole import CartpoleTask
-
-        args = algo.Args(**CONFIGS[bench.config])
-        args.num_envs = bench.num_envs or args.num_envs
-        args.image_size = bench.image_size or args.image_size
-        args.image_width = bench.image_width or args.image_width
-        args = algo.finalize_args(args)  # the script's own defaults (pixels: lrs 2e-3 / 2e-4) and input checks
-        name = bench.name or bench.config
-        task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer)
-    else:
-        import dva_locomotion as algo
-        from common.locomotion import make_task
-
-        args = algo.Args(task=bench.task, **LOCOMOTION_CONFIGS[bench.config])
-        args.num_envs = bench.num_envs or args.num_envs
-        args.image_size = bench.image_size or args.image_size
-        args = algo.finalize_args(args)  # the task's paper defaults (networks, lrs)
-        args.image_width = args.image_size
-        name = bench.name or f"{bench.task}_{bench.config}"
-        task = make_task(bench.task, args.num_envs, device, image_size=(args.image_size, args.image_size),
-                         renderer=renderer)
+    config = (CONFIGS if bench.task == "cartpole" else LOCOMOTION_CONFIGS)[bench.config]
+    height = bench.image_size or config["image_size"]
+    width = (bench.image_width or config.get("image_width", height)) if bench.task == "cartpole" else height
+    # the script's own per-task defaults (networks, learning rates) and input checks
+    algo, args, task = dva_setup(bench.task, bench.num_envs or config["num_envs"], (height, width), device,
+                                 renderer=bench.renderer)
+    args.image_width = width  # locomotion's Args have no width: its images are square
+    name = bench.name or (bench.config if bench.task == "cartpole" else f"{bench.task}_{bench.config}")
     Actor, Critic, rollout_window = algo.Actor, algo.Critic, algo.rollout_window
     td_lambda_targets, update_critic = algo.td_lambda_targets, algo.update_critic
     actor = Actor((3 * args.frame_stack, args.image_size, args.image_width), task.act_dim, args.actor_hidden).to(device)
