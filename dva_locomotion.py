@@ -402,7 +402,7 @@ if __name__ == "__main__":
 
     try:
         device = resolve_device(args.device)
-        renderer = resolve_renderer(args.renderer, device)
+        renderer = resolve_renderer(args.renderer, device, args.image_size)
     except ValueError as error:
         sys.exit(f"error: {error}")
     if args.torch_threads > 0:

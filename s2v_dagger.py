@@ -311,7 +311,7 @@ if __name__ == "__main__":
         from common.genesis_setup import resolve_device, resolve_renderer
 
         device = resolve_device(args.device)
-        renderer = resolve_renderer(args.renderer, device)
+        renderer = resolve_renderer(args.renderer, device, args.image_width)
     except ValueError as error:
         sys.exit(f"error: {error}")
 

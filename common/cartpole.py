@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common.genesis_setup import init_genesis
+from common.genesis_setup import check_camera_width, init_genesis
 from common.task_images import TaskImages
 
 ASSET = Path(__file__).parent / "assets" / "cartpole.xml"
@@ -93,6 +93,7 @@ class CartpoleTask(TaskImages):
             distance = 2.8 / ((width / height) * math.tan(math.radians(fov / 2)))
             self.camera_fov, self.camera_position = fov, (0.0, -distance, 0.0)
         if image_size is not None and renderer != "torch":
+            check_camera_width(width, renderer)
             if renderer == "batch":
                 self.scene.add_light(pos=(0.0, -5.0, 3.0), dir=(0.3, 1.0, -0.6), intensity=4.0, directional=True,
                                      castshadow=False)

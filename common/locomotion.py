@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.genesis_setup import init_genesis, low_poly_visuals
+from common.genesis_setup import check_camera_width, init_genesis, low_poly_visuals
 from common.task_images import TaskImages
 
 ASSETS = Path(__file__).parent / "assets"
@@ -124,6 +124,7 @@ class LocomotionTask(TaskImages):
         self.camera = self.ray_caster = None
         if image_size is not None and renderer != "torch":
             height, width = image_size
+            check_camera_width(width, renderer)
             if renderer == "batch":
                 self.scene.add_light(pos=(0.0, -5.0, 5.0), dir=(0.3, 1.0, -1.0), intensity=3.0, directional=True,
                                      castshadow=False)

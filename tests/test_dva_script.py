@@ -76,6 +76,8 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     (["--device", "tpu"], "--device"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
     (["--eval-only", "missing.pt"], "--eval-only"),
+    # Genesis's Rasterizer aborts the process on widths that are not a multiple of 4: refused up front
+    (["--renderer", "rasterizer", "--image-size", "32", "--image-width", "70"], "not a multiple of 4"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
