@@ -1,16 +1,13 @@
 """curl.py: the contrastive loss, the crops and the replay buffer checked exactly; end to end as a user runs it."""
 
-import importlib.util
 import re
 from copy import deepcopy
 
 import pytest
 import torch
-from script_helpers import ROOT, assert_one_clear_error, run_script, scalars
 
-spec = importlib.util.spec_from_file_location("curl_script", ROOT / "curl.py")
-curl = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(curl)  # __main__ is guarded: this defines the functions only
+import curl  # the script (conftest puts the repository on sys.path); __main__ is guarded
+from script_helpers import assert_one_clear_error, run_script, scalars
 
 TINY = ["--num-envs", "2", "--image-size", "32", "--image-width", "64", "--batch-size", "8", "--seed-steps", "0",
         "--buffer-size", "400", "--log-every", "1"]

@@ -1,10 +1,10 @@
 """s2v_dagger.py: the DAgger labels, stage 1 + stage 2 end to end, resume, eval-only and bad input."""
 
-import importlib.util
-
 import pytest
 import torch
-from script_helpers import ROOT, assert_one_clear_error, run_script, scalars
+
+import s2v_dagger as s2v
+from script_helpers import assert_one_clear_error, run_script, scalars
 
 TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--image-width", "64", "--batch-size", "4",
         "--max-updates", "3", "--log-every", "1"]
@@ -12,13 +12,6 @@ TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--ima
 
 def run(args, cwd, timeout=600):
     return run_script("s2v_dagger.py", args, cwd, timeout)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("s2v_dagger", ROOT / "s2v_dagger.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Constant(torch.nn.Module):
@@ -36,7 +29,6 @@ def test_labels_are_the_experts_actions_on_the_visited_states(task, expert_drive
     applied to them gives the stored labels; frames are those rendered at those states."""
     from common.utils import FrameStack
 
-    s2v = load_script()
     torch.manual_seed(0)
     linear = torch.nn.Linear(task.critic_obs_dim, 1)
 
