@@ -3,12 +3,19 @@ differentiable rendering.
 
     python benchmarks/grad_norm_horizon.py                      # cartpole and ant, H 8 16 32 64, 5 seeds, 16 envs
     python benchmarks/grad_norm_horizon.py --tasks cartpole --seeds 3
+    python benchmarks/grad_norm_horizon.py --tasks cartpole --checkpoints cartpole=runs/<run>/checkpoint.pt \
+        --name grad_norm_horizon_trained              # at a trained policy instead of at initialisation
 
 For every task, seed and horizon: a freshly initialised actor and critic (seeded), the envs reset (seeded), one
 window of H steps through the script's own rollout function, `scene.backward`, and the actor gradient's norm before
 clipping. Both methods see the same task, seeds and start states; D.Va's frames come from Genesis's camera, SHAC-
-diffrender's from the torch renderer (in the graph). Prints median and quartiles over seeds, writes
-results/grad_norm_horizon.json and .png (median, with the interquartile range shaded, log scale).
+diffrender's from the torch renderer (in the graph).
+
+With `--checkpoints TASK=PATH` (a D.Va or SHAC-diffrender checkpoint of that task, pixels, the same image size), the
+actor, target critic and normaliser are that checkpoint's instead of fresh ones, the same weights for both methods,
+and both methods see the torch renderer's images (D.Va's detached): the renderer's Jacobian in the policy gradient is
+then the only difference. Prints median and quartiles over seeds, writes
+results/<name>.json and .png (median, with the interquartile range shaded, log scale).
 """
 
 import json
@@ -38,19 +45,42 @@ class BenchArgs:
     """image height (cart-pole: 32 x 64 whatever this is)"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    checkpoints: list[str] = field(default_factory=list)
+    """TASK=PATH entries: measure at this checkpoint's trained actor (see above) instead of at initialisation"""
     out: str = "results"
     """folder for the JSON and the plot"""
+    name: str = "grad_norm_horizon"
+    """file name (without extension) of the JSON and the plot"""
 
 
-def window_grad_norm(task, renderer, method, args, actor_hidden, critic_hidden, size, seed, dva, sd):
+def load_checkpoint(spec: str, task_name: str, args, size) -> dict | None:
+    """The trained weights named for `task_name` in --checkpoints (TASK=PATH), checked against the bench's shapes."""
+    paths = dict(entry.split("=", 1) for entry in spec)
+    if task_name not in paths:
+        return None
+    checkpoint = torch.load(paths[task_name], map_location="cpu", weights_only=False)
+    saved = checkpoint["args"]
+    saved_size = (saved["image_size"], saved.get("image_width") or saved["image_size"])
+    if saved.get("obs", "pixels") != "pixels" or saved_size != tuple(size) or saved["frame_stack"] != args.frame_stack:
+        raise SystemExit(f"{paths[task_name]}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px x "
+                         f"{saved['frame_stack']} frames; this bench needs pixels, {tuple(size)} px x {args.frame_stack}")
+    args.actor_hidden, args.critic_hidden = tuple(saved["actor_hidden"]), tuple(saved["critic_hidden"])
+    return checkpoint
+
+
+def window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoint=None):
     from common.utils import FrameStack, RunningMeanStd
 
     torch.manual_seed(seed)
     task.generator.manual_seed(seed)
     actor_cls = dva.Actor if method == "dva" else sd.Actor
-    actor = actor_cls((3 * args.frame_stack, *size), task.act_dim, actor_hidden).to(task.device)
-    target = dva.Critic(task.critic_obs_dim, critic_hidden).to(task.device).requires_grad_(False)
+    actor = actor_cls((3 * args.frame_stack, *size), task.act_dim, args.actor_hidden).to(task.device)
+    target = dva.Critic(task.critic_obs_dim, args.critic_hidden).to(task.device).requires_grad_(False)
     obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(task.device)
+    if checkpoint is not None:
+        actor.load_state_dict(checkpoint["actor"])
+        target.load_state_dict(checkpoint["target_critic"])
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
     task.reset()
     frames = FrameStack(args.frame_stack)
     with torch.no_grad():
@@ -90,7 +120,8 @@ def plot(results, path):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("horizon H")
-        ax.set_title(f"{task_name}: actor gradient norm")
+        trained = any(r.get("trained") for r in results if r["task"] == task_name)
+        ax.set_title(f"{task_name}: actor gradient norm" + (" (trained actor)" if trained else " (initialisation)"))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -106,22 +137,27 @@ if __name__ == "__main__":
     results = []
     for task_name in bench.tasks:
         size = (32, 64) if task_name == "cartpole" else (bench.image_size, bench.image_size)
-        dva, args, task = dva_setup(task_name, bench.num_envs, size, device)
+        dva, args, _ = dva_setup(task_name, bench.num_envs, size, device, build_task=False)
+        checkpoint = load_checkpoint(bench.checkpoints, task_name, args, size)
+        # at a checkpoint both methods see the torch renderer's images (D.Va's through task.render, detached)
+        _, _, task = dva_setup(task_name, bench.num_envs, size, device,
+                               renderer="torch" if checkpoint is not None else "auto")
         renderer = task.torch_renderer()
         args.recompute_renderer = True
         for horizon in bench.horizons:
             args.horizon = horizon
             for method in ("dva", "diffrender"):
-                norms = [window_grad_norm(task, renderer, method, args, args.actor_hidden, args.critic_hidden, size,
-                                          seed, dva, sd) for seed in range(1, bench.seeds + 1)]
+                norms = [window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoint)
+                         for seed in range(1, bench.seeds + 1)]
                 q25, median, q75 = np.percentile(norms, [25, 50, 75])
                 results.append(dict(task=task_name, method=method, horizon=horizon, norms=norms, median=median,
-                                    q25=q25, q75=q75))
+                                    q25=q25, q75=q75, trained=checkpoint is not None))
                 print(f"{task_name:9s} H={horizon:3d} {method:10s} grad norm median {median:10.4g}  "
                       f"[{q25:.4g}, {q75:.4g}]  ({', '.join(f'{x:.3g}' for x in norms)})", flush=True)
     out_dir = ROOT / bench.out
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "grad_norm_horizon.json").write_text(json.dumps(
-        dict(num_envs=bench.num_envs, image_size=bench.image_size, device=str(device), results=results), indent=2))
-    plot(results, out_dir / "grad_norm_horizon.png")
-    print(f"written: {out_dir / 'grad_norm_horizon.json'} and .png")
+    (out_dir / f"{bench.name}.json").write_text(json.dumps(
+        dict(num_envs=bench.num_envs, image_size=bench.image_size, device=str(device), checkpoints=bench.checkpoints,
+             results=results), indent=2))
+    plot(results, out_dir / f"{bench.name}.png")
+    print(f"written: {out_dir / bench.name}.json and .png")
