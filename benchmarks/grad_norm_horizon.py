@@ -53,16 +53,27 @@ class BenchArgs:
     """file name (without extension) of the JSON and the plot"""
 
 
-def load_checkpoint(spec: str, task_name: str, args, size) -> dict | None:
+def checkpoint_paths(entries: list[str]) -> dict[str, str]:
+    if any("=" not in entry for entry in entries):
+        raise SystemExit(f"error: --checkpoints takes TASK=PATH entries (got {entries})")
+    return dict(entry.split("=", 1) for entry in entries)
+
+
+def load_checkpoint(entries: list[str], task_name: str, args, size) -> dict | None:
     """The trained weights named for `task_name` in --checkpoints (TASK=PATH), checked against the bench's shapes."""
-    paths = dict(entry.split("=", 1) for entry in spec)
+    paths = checkpoint_paths(entries)
     if task_name not in paths:
         return None
-    checkpoint = torch.load(paths[task_name], map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(paths[task_name], map_location="cpu", weights_only=False)
+    except Exception as error:  # missing, truncated or foreign
+        raise SystemExit(f"error: cannot read the checkpoint {paths[task_name]}: {error}")
     saved = checkpoint["args"]
+    if saved.get("task", "cartpole") != task_name:
+        raise SystemExit(f"error: {paths[task_name]} is a {saved.get('task')} checkpoint, given for {task_name}")
     saved_size = (saved["image_size"], saved.get("image_width") or saved["image_size"])
     if saved.get("obs", "pixels") != "pixels" or saved_size != tuple(size) or saved["frame_stack"] != args.frame_stack:
-        raise SystemExit(f"{paths[task_name]}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px x "
+        raise SystemExit(f"error: {paths[task_name]}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px x "
                          f"{saved['frame_stack']} frames; this bench needs pixels, {tuple(size)} px x {args.frame_stack}")
     args.actor_hidden, args.critic_hidden = tuple(saved["actor_hidden"]), tuple(saved["critic_hidden"])
     return checkpoint
@@ -129,6 +140,12 @@ def plot(results, path):
 
 if __name__ == "__main__":
     bench = tyro.cli(BenchArgs)
+    if bench.seeds < 1 or bench.num_envs < 1 or not bench.horizons or min(bench.horizons) < 1:
+        sys.exit(f"error: --seeds, --num-envs and every --horizons must be >= 1 "
+                 f"(got {bench.seeds}, {bench.num_envs}, {bench.horizons})")
+    unused = set(checkpoint_paths(bench.checkpoints)) - set(bench.tasks)
+    if unused:
+        sys.exit(f"error: --checkpoints names tasks not in --tasks: {sorted(unused)}")
     import shac_diffrender as sd
     from common.genesis_setup import resolve_device
     from dva_setup import dva_setup
