@@ -7,6 +7,7 @@ and the terminal value. The critic sees the simulator state (privileged, trainin
 
     python dva_cartpole.py                      # the paper's settings: 64 envs, H = 32, 84 x 84 px, 3 frames
     python dva_cartpole.py --obs state          # the same loop on the state: plain SHAC (reference and expert)
+    python dva_cartpole.py --num-envs 16 --image-size 32 --image-width 64 --horizon 16   # a 2-core CPU (README)
 """
 
 import os
