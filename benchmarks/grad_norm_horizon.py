@@ -11,11 +11,11 @@ window of H steps through the script's own rollout function, `scene.backward`, a
 clipping. Both methods see the same task, seeds and start states; D.Va's frames come from Genesis's camera, SHAC-
 diffrender's from the torch renderer (in the graph).
 
-With `--checkpoints TASK=PATH` (a D.Va or SHAC-diffrender checkpoint of that task, pixels, the same image size), the
-actor, target critic and normaliser are that checkpoint's instead of fresh ones, the same weights for both methods,
-and both methods see the torch renderer's images (D.Va's detached): the renderer's Jacobian in the policy gradient is
-then the only difference. Prints median and quartiles over seeds, writes
-results/<name>.json and .png (median, with the interquartile range shaded, log scale).
+With `--checkpoints TASK=PATH` (a D.Va or SHAC-diffrender checkpoint of that task, pixels, the same image size; its
+frame stack and network widths are used), the actor, target critic and normaliser are that checkpoint's instead of
+fresh ones, the same weights for both methods, and both methods see the torch renderer's images (D.Va's detached):
+the renderer's Jacobian in the policy gradient is then the only difference. Prints median and quartiles over seeds,
+writes results/<name>.json and .png (median, with the interquartile range shaded, log scale).
 """
 
 import json
@@ -59,24 +59,23 @@ def checkpoint_paths(entries: list[str]) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries)
 
 
-def load_checkpoint(entries: list[str], task_name: str, args, size) -> dict | None:
-    """The trained weights named for `task_name` in --checkpoints (TASK=PATH), checked against the bench's shapes."""
-    paths = checkpoint_paths(entries)
-    if task_name not in paths:
-        return None
+def load_checkpoint(path: str, task_name: str, size: tuple[int, int]) -> tuple[dict, dict]:
+    """The trained weights at `path`, checked against the bench's task and image size, and the network shapes
+    (frame stack, widths) to build the actor and critic with."""
     try:
-        checkpoint = torch.load(paths[task_name], map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # missing, truncated or foreign
-        raise SystemExit(f"error: cannot read the checkpoint {paths[task_name]}: {error}")
+        raise SystemExit(f"error: cannot read the checkpoint {path}: {error}")
     saved = checkpoint["args"]
     if saved.get("task", "cartpole") != task_name:
-        raise SystemExit(f"error: {paths[task_name]} is a {saved.get('task')} checkpoint, given for {task_name}")
+        raise SystemExit(f"error: {path} is a {saved.get('task')} checkpoint, given for {task_name}")
     saved_size = (saved["image_size"], saved.get("image_width") or saved["image_size"])
-    if saved.get("obs", "pixels") != "pixels" or saved_size != tuple(size) or saved["frame_stack"] != args.frame_stack:
-        raise SystemExit(f"error: {paths[task_name]}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px x "
-                         f"{saved['frame_stack']} frames; this bench needs pixels, {tuple(size)} px x {args.frame_stack}")
-    args.actor_hidden, args.critic_hidden = tuple(saved["actor_hidden"]), tuple(saved["critic_hidden"])
-    return checkpoint
+    if saved.get("obs", "pixels") != "pixels" or saved_size != tuple(size):
+        raise SystemExit(f"error: {path}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px; "
+                         f"this bench needs pixels, {tuple(size)} px")
+    shapes = dict(frame_stack=saved["frame_stack"], actor_hidden=tuple(saved["actor_hidden"]),
+                  critic_hidden=tuple(saved["critic_hidden"]))
+    return checkpoint, shapes
 
 
 def window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoint=None):
@@ -143,7 +142,8 @@ if __name__ == "__main__":
     if bench.seeds < 1 or bench.num_envs < 1 or not bench.horizons or min(bench.horizons) < 1:
         sys.exit(f"error: --seeds, --num-envs and every --horizons must be >= 1 "
                  f"(got {bench.seeds}, {bench.num_envs}, {bench.horizons})")
-    unused = set(checkpoint_paths(bench.checkpoints)) - set(bench.tasks)
+    paths = checkpoint_paths(bench.checkpoints)
+    unused = set(paths) - set(bench.tasks)
     if unused:
         sys.exit(f"error: --checkpoints names tasks not in --tasks: {sorted(unused)}")
     import shac_diffrender as sd
@@ -154,11 +154,10 @@ if __name__ == "__main__":
     results = []
     for task_name in bench.tasks:
         size = (32, 64) if task_name == "cartpole" else (bench.image_size, bench.image_size)
-        dva, args, _ = dva_setup(task_name, bench.num_envs, size, device, build_task=False)
-        checkpoint = load_checkpoint(bench.checkpoints, task_name, args, size)
+        checkpoint, shapes = load_checkpoint(paths[task_name], task_name, size) if task_name in paths else (None, {})
         # at a checkpoint both methods see the torch renderer's images (D.Va's through task.render, detached)
-        _, _, task = dva_setup(task_name, bench.num_envs, size, device,
-                               renderer="torch" if checkpoint is not None else "auto")
+        dva, args, task = dva_setup(task_name, bench.num_envs, size, device,
+                                    renderer="torch" if checkpoint is not None else "auto", **shapes)
         renderer = task.torch_renderer()
         args.recompute_renderer = True
         for horizon in bench.horizons:

@@ -1,6 +1,7 @@
 """Where the time of one D.Va iteration goes: render, encoder, simulation forward/backward, critic.
 
-    python benchmarks/iteration_time.py --config cpu      # cartpole, the README's CPU run: 32 envs, 32 x 64 px
+    python benchmarks/iteration_time.py --config cpu      # cartpole, CPU scale: 32 envs, 32 x 64 px
+    python benchmarks/iteration_time.py --config cpu --num-envs 16 --horizon 16 --name cpu16_h16  # the README's run
     python benchmarks/iteration_time.py --config paper    # cartpole, the paper's: 64 envs, 84 x 84 px
     python benchmarks/iteration_time.py --config cpu --image-size 64 --image-width 64 --name cpu64   # any variant
     python benchmarks/iteration_time.py --task humanoid --config paper    # locomotion: 64 envs, 84 x 84 px
@@ -39,7 +40,7 @@ class BenchArgs:
     task: Literal["cartpole", "hopper", "ant", "humanoid"] = "cartpole"
     """which task (and script: dva_cartpole.py or dva_locomotion.py)"""
     config: Literal["cpu", "paper"] = "cpu"
-    """cpu: the README's CPU run (cartpole 32 envs at 32 x 64; locomotion 16 envs at 48 x 48); paper: 64 envs at 84 x 84"""
+    """cpu: CPU scale (cartpole 32 envs at 32 x 64; locomotion 16 envs at 48 x 48); paper: 64 envs at 84 x 84"""
     iters: int = 5
     """timed iterations (after 2 warm-up iterations)"""
     device: str = "auto"
@@ -52,6 +53,8 @@ class BenchArgs:
     """override the config's image height (0: keep)"""
     image_width: int = 0
     """override the config's image width (0: keep; cartpole only)"""
+    horizon: int = 0
+    """override the script's horizon H (0: keep)"""
     name: str = ""
     """name of the result (default: the config's)"""
     out: str = "results"
@@ -79,8 +82,9 @@ if __name__ == "__main__":
     height = bench.image_size or config["image_size"]
     width = (bench.image_width or config.get("image_width", height)) if bench.task == "cartpole" else height
     # the script's own per-task defaults (networks, learning rates) and input checks
+    overrides = dict(horizon=bench.horizon) if bench.horizon else {}
     algo, args, task = dva_setup(bench.task, bench.num_envs or config["num_envs"], (height, width), device,
-                                 renderer=bench.renderer)
+                                 renderer=bench.renderer, **overrides)
     args.image_width = width  # locomotion's Args have no width: its images are square
     name = bench.name or (bench.config if bench.task == "cartpole" else f"{bench.task}_{bench.config}")
     Actor, Critic, rollout_window = algo.Actor, algo.Critic, algo.rollout_window

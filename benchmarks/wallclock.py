@@ -5,10 +5,11 @@ and S2V-DAgger, each run as a user runs it, one after another, for the same budg
     python benchmarks/wallclock.py --minutes 15 --methods dva drqv2  # a subset, a shorter budget
     python benchmarks/wallclock.py --plot-only                       # re-read the runs already made and re-plot
 
-Every method gets the CPU configuration of visual cart-pole (16 envs, 32 x 64 px, 3 frames) and `--max-minutes`;
-S2V-DAgger's minutes include stage 1 (its state expert). A run's curve is its `charts/eval_return` against its own
-`charts/wall_minutes` (time since the script started, evaluations included). The table gives the minutes to the
-threshold: 90 % of state SHAC's eval return (2169, README "Cart-pole, state SHAC"), measured at the evaluations.
+Every method gets the CPU configuration of visual cart-pole (16 envs, 32 x 64 px, 3 frames; D.Va with H = 16, as in
+the README's run command) and `--max-minutes`; S2V-DAgger's minutes include stage 1 (its state expert). A run's
+curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since the script started, evaluations
+included). The table gives the minutes to the threshold: 90 % of state SHAC's eval return (2169, README "Cart-pole,
+state SHAC"), measured at the evaluations.
 Writes results/wallclock.json and results/wallclock.png; each run's console output goes to logs/wallclock_*.log.
 """
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ["--task", "cartpole", "--num-envs", "16", "--image-size", "32", "--image-width", "64"]
 # Script and evaluation cadence per method: an evaluation about every 1-1.5 minutes of training.
 METHODS = {
-    "dva": ("dva_cartpole.py", ["--eval-every", "100"]),
+    "dva": ("dva_cartpole.py", ["--horizon", "16", "--eval-every", "200"]),  # the README's run command
     "drqv2": ("drqv2.py", ["--eval-every", "200"]),
     "curl": ("curl.py", ["--eval-every", "100"]),
     "s2v_dagger": ("s2v_dagger.py", ["--eval-every", "50", "--expert-envs", "32"]),
