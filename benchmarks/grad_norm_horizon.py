@@ -66,9 +66,11 @@ def load_checkpoint(path: str, task_name: str, size: tuple[int, int]) -> tuple[d
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # missing, truncated or foreign
         raise SystemExit(f"error: cannot read the checkpoint {path}: {error}")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), dict):
+        raise SystemExit(f"error: {path} is not a checkpoint of this project's scripts")
     saved = checkpoint["args"]
     if saved.get("task", "cartpole") != task_name:
-        raise SystemExit(f"error: {path} is a {saved.get('task')} checkpoint, given for {task_name}")
+        raise SystemExit(f"error: {path} is a checkpoint of {saved.get('task')}, given for {task_name}")
     saved_size = (saved["image_size"], saved.get("image_width") or saved["image_size"])
     if saved.get("obs", "pixels") != "pixels" or saved_size != tuple(size):
         raise SystemExit(f"error: {path}: a {saved.get('obs', 'pixels')} checkpoint of {saved_size} px; "
