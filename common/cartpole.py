@@ -45,6 +45,7 @@ class CartpoleTask(TaskImages):
     critic_obs_dim = 5
     max_episode_length = 240
     dt = 1.0 / 60.0
+    substeps = 4  # DiffRL's sim_substeps: Genesis then integrates exactly as dflex does (semi-implicit Euler at 1/240 s)
     force_limit = 1000.0  # N; equals the motor's gear x ctrlrange in the MJCF (a larger force is clipped: zero grad)
     track_limit = 2.5  # |x| beyond this ends the episode (the cart leaves the picture)
     start_qpos_noise = math.pi / 12
@@ -72,7 +73,7 @@ class CartpoleTask(TaskImages):
 
         lights = [dict(type="directional", dir=(0.3, 1.0, -0.6), color=(1.0, 1.0, 1.0), intensity=4.0)]
         self.scene = gs.Scene(
-            sim_options=gs.options.SimOptions(dt=self.dt, substeps=1, requires_grad=requires_grad),
+            sim_options=gs.options.SimOptions(dt=self.dt, substeps=self.substeps, requires_grad=requires_grad),
             rigid_options=gs.options.RigidOptions(
                 enable_collision=False, integrator=gs.integrator.approximate_implicitfast
             ),

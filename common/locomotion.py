@@ -6,14 +6,16 @@ The same API as `common.cartpole.CartpoleTask`, so the D.Va loop runs on them un
     reward, terminated, truncated = task.step(actions)   # actions (N, act_dim) in [-1, 1], differentiable
     task.critic_obs(); task.render(); task.backward(loss); task.reset(ended_env_ids)
 
-Rewards and terminations are SHAC's (DiffRL `envs/{hopper,ant,humanoid}.py`, see ../shared/paper/NOTES.md section 5),
+Rewards and terminations are SHAC's (DiffRL `envs/{hopper,ant,humanoid}.py`, docs/tasks.md),
 written for Genesis's z-up world: forward is +x, "up" is the torso's z axis dotted with world z, "heading" its x axis
 dotted with the direction to a far target on +x. The critic's state follows SHAC's layouts:
-    hopper   (14): [z, pitch, 3 joint pos, vx, vz, pitch rate, 3 joint vel, previous actions (3)] with z the torso's
-                   height change from the start pose (SHAC's convention, terminated below -0.45)
+    hopper   (11): [z, pitch, 3 joint pos, vx, vz, pitch rate, 3 joint vel] with z the torso's height change from
+                   the start pose (SHAC's convention, terminated below -0.45)
     ant      (37): [h, quat (4), lin vel (3), ang vel (3), 8 joint pos, 0.1 x 8 joint vel, up, heading, prev (8)]
     humanoid (76): the ant's layout with 21 joints.
-One control step is 1/60 s (SHAC's), simulated in `substeps` Genesis substeps for contact stability.
+The models (common/assets/*.xml) carry the masses, damping, armature, stiffness, limits, gears and friction that
+DiffRL's dflex really simulates, and the start states are DiffRL's: docs/tasks.md lists every parameter against its
+source. One control step is 1/60 s (SHAC's), simulated in `substeps` Genesis substeps for contact stability.
 """
 
 import math
@@ -33,6 +35,14 @@ def quat_rotate(quat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
     w, xyz, vec = quat[..., :1], quat[..., 1:], vec.to(quat)
     t = 2.0 * torch.cross(xyz, vec.expand_as(xyz), dim=-1)
     return vec + w * t + torch.cross(xyz, t, dim=-1)
+
+
+def quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product of quaternions in (w, x, y, z) order."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
 
 
 def height_reward(d: torch.Tensor, low: float, high: float, coeff: float) -> torch.Tensor:
@@ -213,20 +223,21 @@ class LocomotionTask(TaskImages):
 
     # ----------------------------------------------------------------------------------------------- resets
     def reset(self, env_ids: torch.Tensor | None = None):
-        """Start pose plus uniform noise for `env_ids` (all if None), then cut the gradient tape. Call only between
-        windows."""
+        """A random start state (`random_start`) for `env_ids` (all if None), then cut the gradient tape. Call only
+        between windows."""
         if env_ids is None:
             env_ids = torch.arange(self.num_envs, device=self.device)
         env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
-        n = len(env_ids)
-        qpos = self.start_qpos.repeat(n, 1)
-        qpos += (torch.rand(qpos.shape, generator=self.generator) * 2 - 1) * self.start_qpos_noise
-        qpos = self.normalize_start(qpos)
-        qvel = (torch.rand(n, self.robot.n_dofs, generator=self.generator) * 2 - 1) * self.start_qvel_noise
-        self.set_state(qpos, qvel, env_ids)
+        self.set_state(*self.random_start(len(env_ids)), env_ids)
 
-    def normalize_start(self, qpos: torch.Tensor) -> torch.Tensor:
-        return qpos
+    def uniform(self, *shape: int, scale: float) -> torch.Tensor:
+        """Uniform noise in [-scale, scale] from the task's own generator (seeded, checkpointed)."""
+        return (torch.rand(*shape, generator=self.generator) * 2 - 1) * scale
+
+    def random_start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos, qvel) of `n` new episodes: the start pose plus uniform noise on every coordinate (the hopper's)."""
+        qpos = self.start_qpos.repeat(n, 1) + self.uniform(n, len(self.start_qpos), scale=self.start_qpos_noise)
+        return qpos, self.uniform(n, self.robot.n_dofs, scale=self.start_qvel_noise)
 
     def set_state(self, qpos: torch.Tensor, qvel: torch.Tensor, env_ids: torch.Tensor | None = None):
         """Put `env_ids` (all if None) at (qpos, qvel), episode step 0; cuts the gradient tape."""
@@ -286,7 +297,7 @@ class HopperTask(LocomotionTask):
     strengths = (200.0, 200.0, 200.0)
     camera_offset = (0.0, -2.2, 0.75)
     camera_lookat_z = 0.8
-    critic_obs_dim = 14
+    critic_obs_dim = 11
 
     def start_pose(self):
         return np.zeros(6)  # [x, z, pitch, thigh, leg, foot]: Genesis reads a slide joint relative to its spawn
@@ -296,7 +307,7 @@ class HopperTask(LocomotionTask):
         return hopper_reward(z, pitch, vx, actions), z.detach() < -0.45
 
     def critic_obs(self):
-        return torch.cat([self.qpos[:, 1:], self.qvel, self.prev_actions], dim=-1)
+        return torch.cat([self.qpos[:, 1:], self.qvel], dim=-1)
 
 
 class AntTask(LocomotionTask):
@@ -312,12 +323,19 @@ class AntTask(LocomotionTask):
     reward_fn = staticmethod(ant_reward)
 
     def start_pose(self):
-        # brax's start: legs inside their joint limits (Genesis's bundled pose is outside them and launches the ant)
+        # DiffRL's start: legs inside their joint limits (Genesis's bundled pose is outside them and launches the ant)
         return np.array([0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0])
 
-    def normalize_start(self, qpos):
-        qpos[:, 3:7] = torch.nn.functional.normalize(qpos[:, 3:7], dim=-1)  # a tilted, still unit, quaternion
-        return qpos
+    def random_start(self, n):
+        """DiffRL's: torso position +-0.1 m, a tilt of up to pi/24 about a random axis, joints +-0.2 rad, every
+        velocity +-0.25."""
+        qpos = self.start_qpos.repeat(n, 1)
+        qpos[:, :3] += self.uniform(n, 3, scale=0.1)
+        half_angle = self.uniform(n, 1, scale=math.pi / 24) / 2
+        axis = torch.nn.functional.normalize(torch.rand(n, 3, generator=self.generator) - 0.5, dim=-1)
+        qpos[:, 3:7] = quat_mul(qpos[:, 3:7], torch.cat([torch.cos(half_angle), torch.sin(half_angle) * axis], -1))
+        qpos[:, 7:] += self.uniform(n, qpos.shape[1] - 7, scale=0.2)
+        return qpos, self.uniform(n, self.robot.n_dofs, scale=0.25)
 
     def reward_and_termination(self, actions):
         up, heading = self.up_and_heading()
@@ -339,14 +357,15 @@ class HumanoidTask(AntTask):
                     "knee_right", "ankle_y_right", "ankle_x_right", "hip_x_left", "hip_z_left", "hip_y_left",
                     "knee_left", "ankle_y_left", "ankle_x_left", "shoulder1_right", "shoulder2_right", "elbow_right",
                     "shoulder1_left", "shoulder2_left", "elbow_left")
-    # SHAC's motor strengths x its 0.35 scale; the MJCF's gears are these strengths, so the torques stay in range.
+    # SHAC's motor strengths (the MJCF's gears) x its motor scale 0.35: the torques stay inside gear x ctrlrange.
     gears = (200, 200, 200, 200, 200, 600, 400, 100, 100, 200, 200, 600, 400, 100, 100, 100, 100, 200, 100, 100, 200)
     strengths = tuple(0.35 * g for g in gears)
     camera_offset = (0.0, -3.5, 1.1)
     camera_lookat_z = 0.9
     critic_obs_dim = 76
-    start_height = 1.3
+    start_height = 1.35
     termination_height = 0.74
+    heading_target = (200.0, 0.0)  # DiffRL's humanoid heads for a point 200 m ahead (its ant for one 10 km ahead)
     reward_fn = staticmethod(humanoid_reward)
 
     def start_pose(self):
