@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack
+from common.utils import FrameStack, apply_saved_args, explicit_flags
 
 TASKS = ("cartpole", "hopper", "ant", "humanoid")
 
@@ -117,9 +117,11 @@ class Args:
     save_every: int = 500
     """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
-    """continue training from this checkpoint (networks, optimisers, counters; the replay buffer starts empty)"""
+    """continue training from this checkpoint (networks, optimisers, counters; the replay buffer starts empty) with
+    the settings it was saved with; a flag given with --resume changes that setting"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
+    """load this checkpoint, run one evaluation episode per env with its saved settings (as --resume), print the
+    mean return and write a video
     (--resume and --eval-only take the task, the image sizes, frame stack and widths from the checkpoint)"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
@@ -537,8 +539,18 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
+        path = args.resume or args.eval_only
+        if not Path(path).is_file():
+            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
+        except Exception as error:  # a truncated or foreign file
+            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
     try:
-        args = finalize_args(args)
+        args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on them follow them
     except ValueError as error:
         sys.exit(f"error: {error}")
 
@@ -556,14 +568,6 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
-    checkpoint = None
-    if args.resume or args.eval_only:
-        try:
-            checkpoint = torch.load(args.resume or args.eval_only, map_location=device, weights_only=False)
-            for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
-                setattr(args, key, checkpoint["args"][key])
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {args.resume or args.eval_only}: {error!r}")
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack
+from common.utils import FrameStack, apply_saved_args, explicit_flags
 
 
 @dataclass
@@ -104,9 +104,11 @@ class Args:
     save_every: int = 500
     """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
-    """continue training from this checkpoint (networks, optimisers, counters; the replay buffer starts empty)"""
+    """continue training from this checkpoint (networks, optimisers, counters; the replay buffer starts empty) with
+    the settings it was saved with; a flag given with --resume changes that setting"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
+    """load this checkpoint, run one evaluation episode per env with its saved settings (as --resume), print the
+    mean return and write a video
     (--resume and --eval-only take the task and the networks' shapes from the checkpoint)"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
@@ -487,18 +489,17 @@ def evaluate(task, encoder, actor, args: Args, capture_video: bool = False):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = None
-    if args.resume or args.eval_only:
+    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
         path = args.resume or args.eval_only
         if not Path(path).is_file():
             sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
-                setattr(args, key, checkpoint["args"][key])
+            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
         except Exception as error:  # a truncated or foreign file
             sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
     try:
-        args = finalize_args(args)
+        args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
         sys.exit(f"error: {error}")
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack
+from common.utils import FrameStack, apply_saved_args, explicit_flags
 
 
 @dataclass
@@ -86,10 +86,13 @@ class Args:
     save_every: int = 100
     """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
-    """continue training from this checkpoint (iteration count, optimisers, schedules)"""
+    """continue training from this checkpoint (iteration count, optimisers, schedules) with the settings it was
+    saved with; a flag given with --resume changes that setting"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
-    (--resume and --eval-only take the networks' shapes: --obs, image size, frame stack, widths, from the checkpoint)"""
+    """load this checkpoint, run one evaluation episode per env with its saved settings (as --resume), print the
+    mean return and write a video
+    (--resume and --eval-only always take the networks' shapes: --obs, image size, frame stack, widths, from the
+    checkpoint)"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
     torch_threads: int = 0
@@ -240,14 +243,18 @@ def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> 
 
 
 def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
-    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches."""
+    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches.
+
+    Every minibatch holds at least one sample: with fewer samples than minibatches each sample is its own minibatch
+    (an empty one would give a NaN loss, and Adam would still step on its momentum). Returns the last minibatch's
+    loss; with no sample at all, no update and a loss of 0 (so the logged loss stays finite)."""
+    if len(states) == 0:  # no finite data in this window: nothing to learn from
+        return 0.0
     states = obs_rms.normalize(states)
-    batch = max(1, len(states) // args.critic_minibatches)
     loss = torch.zeros(())
     for _ in range(args.critic_iterations):
         perm = torch.randperm(len(states), device=states.device)
-        for i in range(args.critic_minibatches):
-            idx = perm[i * batch : (i + 1) * batch]
+        for idx in torch.tensor_split(perm, min(args.critic_minibatches, len(states))):
             loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
             critic_opt.zero_grad()
             loss.backward()
@@ -303,8 +310,18 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
+        path = args.resume or args.eval_only
+        if not Path(path).is_file():
+            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
+        except Exception as error:  # a truncated or foreign file
+            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
     try:
-        args = finalize_args(args)
+        args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on --obs follow them
     except ValueError as error:
         sys.exit(f"error: {error}")
 
@@ -323,14 +340,6 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
-    checkpoint = None
-    if args.resume or args.eval_only:
-        try:
-            checkpoint = torch.load(args.resume or args.eval_only, map_location=device, weights_only=False)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {args.resume or args.eval_only}: {error}")
-        for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
-            setattr(args, key, checkpoint["args"][key])
     pixels = args.obs == "pixels"
 
     # ------------------------------------------------------------------------------------------------ set-up

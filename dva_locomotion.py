@@ -27,7 +27,7 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack
+from common.utils import FrameStack, apply_saved_args, explicit_flags
 
 
 @dataclass
@@ -91,9 +91,11 @@ class Args:
     save_every: int = 100
     """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
-    """continue training from this checkpoint (iteration count, optimisers, schedules)"""
+    """continue training from this checkpoint (iteration count, optimisers, schedules) with the settings it was
+    saved with; a flag given with --resume changes that setting"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video
+    """load this checkpoint, run one evaluation episode per env with its saved settings (as --resume), print the
+    mean return and write a video
     (--resume and --eval-only take the task and the networks' shapes from the checkpoint)"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
@@ -279,18 +281,33 @@ def broken_envs(task) -> torch.Tensor:
     return ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
 
 
-def reset_broken_envs(task, episode, frames=None) -> torch.Tensor:
-    """After a window that Genesis aborted: cut the tape, restart the broken envs (all, if none is flagged); their
-    episodes are dropped, not logged."""
-    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
-    env_ids = (broken if broken.any() else torch.ones_like(broken)).nonzero().flatten()
-    task.cut_graph()
+def window_boundary(task, episode, frames=None, broken=None):
+    """The window boundary, the same after an update, a skipped update or an aborted window: every env that ended
+    inside the window (`episode["ended"]`) or is in the mask `broken` starts a new episode, and its frame stack is
+    refilled with its first frame. The reset cuts the tape, even when no env restarts.
+
+    Returns the restarted envs' ids and the finished episodes to log, as (return, length) pairs; the episodes of
+    broken envs are dropped, not logged.
+    """
+    broken = torch.zeros_like(episode["ended"]) if broken is None else broken
+    finished = [(episode["return"][i].item(), episode["length"][i].item())
+                for i in (episode["ended"] & ~broken).nonzero().flatten().tolist()]
+    env_ids = (episode["ended"] | broken).nonzero().flatten()
     for v in episode.values():
         v[env_ids] = 0
     task.reset(env_ids)
-    if frames is not None:
+    if frames is not None and len(env_ids) > 0:
         frames.reset(task.render(), env_ids)
-    return env_ids
+    return env_ids, finished
+
+
+def reset_broken_envs(task, episode, frames=None):
+    """After a window that Genesis aborted: cut the tape and go to the window boundary, where the broken envs (all,
+    if none is flagged) restart along with the envs that ended earlier in the window. Returns window_boundary's."""
+    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
+    broken = broken if broken.any() else torch.ones_like(broken)
+    task.cut_graph()
+    return window_boundary(task, episode, frames, broken)
 
 
 def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
@@ -311,16 +328,18 @@ def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> 
 
 
 def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
-    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches."""
+    """Regress V(s) on the TD(lambda) targets: critic_iterations passes of critic_minibatches minibatches.
+
+    Every minibatch holds at least one sample: with fewer samples than minibatches each sample is its own minibatch
+    (an empty one would give a NaN loss, and Adam would still step on its momentum). Returns the last minibatch's
+    loss; with no sample at all, no update and a loss of 0 (so the logged loss stays finite)."""
     if len(states) == 0:  # no finite data in this window: nothing to learn from
-        return float("nan")
+        return 0.0
     states = obs_rms.normalize(states)
-    batch = max(1, len(states) // args.critic_minibatches)
     loss = torch.zeros(())
     for _ in range(args.critic_iterations):
         perm = torch.randperm(len(states), device=states.device)
-        for i in range(args.critic_minibatches):
-            idx = perm[i * batch : (i + 1) * batch]
+        for idx in torch.tensor_split(perm, min(args.critic_minibatches, len(states))):
             loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
             critic_opt.zero_grad()
             loss.backward()
@@ -378,18 +397,17 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = None
-    if args.resume or args.eval_only:
+    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
         path = args.resume or args.eval_only
         if not Path(path).is_file():
             sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            for key in SHAPE_ARGS:  # the networks must be rebuilt as they were saved
-                setattr(args, key, checkpoint["args"][key])
+            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
         except Exception as error:  # a truncated or foreign file
             sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
     try:
-        args = finalize_args(args)
+        args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
         sys.exit(f"error: {error}")
 
@@ -467,6 +485,15 @@ if __name__ == "__main__":
     episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
                for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
+
+    def log_episodes(finished):
+        """Log the episodes that ended, as (return, length) pairs; keep the last 20 returns for the console."""
+        for ret, length in finished:
+            recent_returns.append(ret)
+            writer.add_scalar("charts/episodic_return", ret, global_step)
+            writer.add_scalar("charts/episodic_length", length, global_step)
+        del recent_returns[:-20]
+
     # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
@@ -487,7 +514,7 @@ if __name__ == "__main__":
                 if "nan" not in str(error).lower():
                     raise
                 nan_skips += 1
-                reset_broken_envs(task, episode, frames if pixels else None)
+                log_episodes(reset_broken_envs(task, episode, frames if pixels else None)[1])
                 print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
                 continue
             forward_s = time.perf_counter() - start - render_s
@@ -513,16 +540,7 @@ if __name__ == "__main__":
 
             # Bookkeeping and the resets of ended envs, at the window boundary.
             global_step += args.num_envs * args.horizon
-            ended = episode["ended"].nonzero().flatten()
-            for i in ended.tolist():
-                recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
-                writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
-                writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
-            for v in episode.values():
-                v[ended] = 0
-            task.reset(ended)
-            if pixels and len(ended) > 0:
-                frames.reset(task.render(), ended)
+            log_episodes(window_boundary(task, episode, frames if pixels else None)[1])
             iteration_s = time.perf_counter() - iter_start
 
             elapsed = time.time() - start_time

@@ -25,7 +25,7 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack
+from common.utils import FrameStack, apply_saved_args, explicit_flags
 
 TASKS = ("cartpole", "hopper", "ant", "humanoid")
 
@@ -90,10 +90,12 @@ class Args:
     save_every: int = 20
     """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
     resume: str | None = None
-    """continue stage 2 from this checkpoint (its expert, iteration count, optimiser); the replay buffer is not
-    saved (too large) and refills from the resumed rollouts"""
+    """continue stage 2 from this checkpoint (its expert, iteration count, optimiser) with the settings it was saved
+    with (a flag given with --resume changes that setting); the replay buffer is not saved (too large) and refills
+    from the resumed rollouts"""
     eval_only: str | None = None
-    """load this checkpoint, run one evaluation episode per env, print the mean return and write a video"""
+    """load this checkpoint, run one evaluation episode per env with its saved settings (as --resume), print the
+    mean return and write a video"""
     capture_video: bool = False
     """record env 0 of every evaluation as mp4 in the run folder and in TensorBoard"""
     torch_threads: int = 0
@@ -299,15 +301,18 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = None
     try:
-        args = finalize_args(args)
-        if args.resume or args.eval_only:
+        if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
             path = args.resume or args.eval_only
+            if not Path(path).is_file():
+                raise ValueError(f"{'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-                for key in SHAPE_ARGS:  # the student must be rebuilt as it was saved
-                    setattr(args, key, checkpoint["args"][key])
+                apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
+                # --resume: the expert the student was trained with; --eval-only: the student alone is evaluated
+                args.expert = checkpoint["expert"] if args.resume else None
             except Exception as error:  # a truncated or foreign file
-                raise ValueError(f"cannot read the checkpoint {path}: {error}")
+                raise ValueError(f"cannot read the checkpoint {path}: {error!r}")
+        args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on them follow them
         from common.genesis_setup import resolve_device, resolve_renderer
 
         device = resolve_device(args.device)
@@ -326,11 +331,7 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------------------------------ stage 1
     stage1_minutes = 0.0
-    if args.resume:
-        args.expert = checkpoint["expert"]
-    if args.eval_only:
-        args.expert = None  # the student alone is evaluated
-    elif args.expert is None:
+    if args.expert is None and not args.eval_only:
         try:
             args.expert = train_expert(args)
         except RuntimeError as error:

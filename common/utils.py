@@ -1,5 +1,6 @@
 """Small helpers shared by every script: seeding, run folders, normalisers, frame stacks, checkpoints."""
 
+import dataclasses
 import os
 import random
 import time
@@ -83,6 +84,30 @@ def save_checkpoint(path: Path, payload: dict):
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def explicit_flags(argv: list[str], args_class) -> set[str]:
+    """The fields of the dataclass `args_class` that `argv` sets, in any of tyro's spellings: `--num-envs 4`,
+    `--num-envs=4`, `--num_envs 4`, and `--flag` / `--no-flag` for a bool."""
+    spellings = {}
+    for field in dataclasses.fields(args_class):
+        for name in (field.name.replace("_", "-"), field.name):
+            spellings[f"--{name}"] = field.name
+            spellings[f"--no-{name}"] = field.name  # a bool's; tyro has already refused it for any other field
+            spellings[f"--no_{name}"] = field.name
+    return {spellings[token.split("=")[0]] for token in argv if token.split("=")[0] in spellings}
+
+
+def apply_saved_args(args, saved: dict, explicit: set[str], shape_args: tuple[str, ...]):
+    """Continue a run with the settings it was saved with: every saved argument replaces the command line's, except
+    the flags given on purpose (`explicit`). The shape arguments always come from the checkpoint (the networks must
+    be rebuilt as they were saved); --resume and --eval-only always from the command line. Call finalize_args after
+    this, so that defaults which depend on other flags are filled from the settings the run really uses."""
+    fields = {field.name for field in dataclasses.fields(args)}
+    for key, value in saved.items():
+        if key in fields and key not in ("resume", "eval_only") and (key in shape_args or key not in explicit):
+            setattr(args, key, value)
+    return args
 
 
 def rng_state() -> dict:

@@ -205,11 +205,14 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
-    # action repeat 8: 30 iterations make a 240-step episode, so the episodic tags appear
-    out = run([*TINY, "--max-iters", "34", "--action-repeat", "8", "--updates-per-step", "2", "--eval-every", "0",
+    # action repeat 8: 30 iterations make a 240-step episode, so the episodic tags appear. The other settings (2 envs,
+    # batch 8, ...) are the saved ones, not given again.
+    out = run(["--max-iters", "34", "--action-repeat", "8", "--updates-per-step", "2", "--eval-every", "0",
                "--resume", str(ckpt)], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     after = torch.load(ckpt, weights_only=False)
+    assert after["args"] == {**before["args"], "max_iters": 34, "action_repeat": 8, "updates_per_step": 2,
+                             "eval_every": 0, "resume": str(ckpt)}
     assert after["iteration"] == 34 and after["global_step"] == 8 + 32 * 2 * 8
     assert after["num_updates"] == 16 + 32 * 2
     assert not torch.equal(after["actor"]["policy.0.weight"], before["actor"]["policy.0.weight"])
@@ -218,8 +221,9 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
     assert lengths and max(lengths) <= 240
 
-    out = run([*TINY, "--eval-only", str(ckpt)], cwd)
+    out = run(["--eval-only", str(ckpt)], cwd)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval over 2 episodes" in out.stdout
     match = re.search(r"mean return (-?[\d.]+), success ([\d.]+)", out.stdout)
     assert match and -1e5 < float(match.group(1)) < 2400
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000

@@ -198,11 +198,14 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
     # 3-step returns, the buffer refilled by 8 agent steps of the loaded policy, then 1 update per step; past
-    # iteration 122 every env has finished its 240-sim-step (120-agent-step) episode.
-    out = run([*TINY, "--max-iters", "125", "--seed-steps", "8", "--updates-per-step", "1", "--eval-every", "0",
-               "--resume", str(ckpt)], cwd)
+    # iteration 122 every env has finished its 240-sim-step (120-agent-step) episode. The other settings (2 envs,
+    # batch 8, ...) are the saved ones, not given again.
+    flags = ["--max-iters", "125", "--n-step", "3", "--seed-steps", "8", "--updates-per-step", "1", "--eval-every", "0"]
+    out = run([*flags, "--resume", str(ckpt)], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     after = torch.load(ckpt, weights_only=False)
+    assert after["args"] == {**before["args"], "max_iters": 125, "n_step": 3, "seed_steps": 8, "updates_per_step": 1,
+                             "eval_every": 0, "resume": str(ckpt)}
     assert after["iteration"] == 125 and after["global_step"] == 125 * 2 * 2 and after["agent_steps"] == 250
     assert after["num_updates"] == 4 + (125 - 2) - 3  # none in the first 3 of the 4 refill iterations (8 steps)
     assert not torch.equal(after["actor"]["policy.4.weight"], before["actor"]["policy.4.weight"])
@@ -211,8 +214,9 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
     assert lengths and max(lengths) <= 240 and len(acc.Scalars("charts/episodic_return")) == len(lengths)
 
-    out = run([*TINY, "--eval-only", str(ckpt)], cwd)
+    out = run(["--eval-only", str(ckpt)], cwd)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval over 2 episodes" in out.stdout
     match = re.search(r"mean return (-?[\d.]+), success ([\d.]+)", out.stdout)
     assert match and -1e5 < float(match.group(1)) < 2400
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000

@@ -1,5 +1,7 @@
-"""The pieces of dva_cartpole.py that can be checked exactly: TD(lambda), the decoupled gradient, SHAC's loss."""
+"""The pieces of dva_cartpole.py that can be checked exactly: TD(lambda), the decoupled gradient, SHAC's loss; and
+two pieces every script shares: the critic's minibatches and the settings of a resumed run."""
 
+import importlib
 import math
 from copy import deepcopy
 from types import SimpleNamespace
@@ -8,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, RunningMeanStd
+from common.utils import FrameStack, RunningMeanStd, apply_saved_args, explicit_flags
 from dva_cartpole import Actor, Critic, rollout_window, td_lambda_targets
 
 
@@ -185,3 +188,67 @@ def test_state_mode_gradient_equals_shac(task):
     reference = torch.cat([p.grad.flatten() for p in actor.parameters()])
     assert reference.norm() > 0
     assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ critic minibatches
+@pytest.mark.parametrize("script", ["dva_cartpole", "dva_locomotion", "shac_diffrender"])
+@pytest.mark.parametrize("n, sizes", [(0, []), (2, [1, 1]), (3, [1, 1, 1]), (7, [2, 2, 2, 1])])
+def test_update_critic_never_steps_on_an_empty_minibatch(script, n, sizes):
+    """4 minibatches of n samples, 2 passes: every minibatch holds a sample and every sample is used once per pass.
+    With fewer samples than minibatches an empty minibatch gave a NaN loss and an Adam step on momentum alone; with
+    no sample at all nothing is updated and the loss is 0 (there is nothing to fit; the logged loss stays finite)."""
+    module = importlib.import_module(script)
+    torch.manual_seed(0)
+    critic = module.Critic(5, (8, 8))
+    seen = []
+    critic.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    args = SimpleNamespace(critic_iterations=2, critic_minibatches=4, max_grad_norm=1.0)
+    loss = module.update_critic(critic, opt, RunningMeanStd((5,)), torch.randn(n, 5), torch.randn(n), args)
+    assert seen == sizes * 2
+    assert all(opt.state[p].get("step", 0) == len(sizes) * 2 for p in critic.parameters())  # one a minibatch
+    assert all(torch.isfinite(p).all() for p in critic.parameters())
+    assert math.isfinite(loss) and (n > 0 or loss == 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ resumed settings
+def test_explicit_flags_reads_tyros_spellings():
+    import dva_cartpole
+
+    argv = ["--num-envs", "4", "--actor_lr=3e-3", "--max-iters=0", "--no-capture-video", "--actor-hidden", "32", "32",
+            "--min-lr", "-1e-5", "--resume", "runs/x/checkpoint.pt"]
+    assert explicit_flags(argv, dva_cartpole.Args) == {"num_envs", "actor_lr", "max_iters", "capture_video",
+                                                       "actor_hidden", "min_lr", "resume"}
+    assert explicit_flags(["--capture_video"], dva_cartpole.Args) == {"capture_video"}
+    assert explicit_flags([], dva_cartpole.Args) == set()
+
+
+SAVED = {  # per script: a run's settings other than the defaults, among them ones that other defaults depend on
+    "dva_cartpole": dict(obs="state", num_envs=3, horizon=5, actor_lr=3e-3, max_iters=7),
+    "dva_locomotion": dict(task="hopper", obs="state", horizon=8, critic_lr=1e-3),
+    "shac_diffrender": dict(task="ant", num_envs=3, max_iters=7, image_size=24, eval_steps=5),
+    "drqv2": dict(task="hopper", num_envs=3, lr=3e-4, std_schedule_steps=1000),
+    "curl": dict(num_envs=3, image_size=32, image_width=64, critic_lr=3e-4),
+    "s2v_dagger": dict(task="hopper", num_envs=3, lr=3e-4, max_iters=7),
+}
+
+
+@pytest.mark.parametrize("script", SAVED)
+def test_resumed_run_takes_the_saved_settings_unless_a_flag_is_given(script, tmp_path):
+    """The scripts' order for --resume and --eval-only: parse the command line, apply the checkpoint's settings, then
+    fill the defaults that depend on other settings (finalize_args)."""
+    module = importlib.import_module(script)
+    saved = vars(module.finalize_args(module.Args(**SAVED[script], seed=2)))
+    ckpt = str(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").touch()
+
+    def resumed(argv):
+        args = tyro.cli(module.Args, args=argv)
+        apply_saved_args(args, saved, explicit_flags(argv, module.Args), module.SHAPE_ARGS)
+        return vars(module.finalize_args(args))
+
+    assert resumed(["--resume", ckpt]) == {**saved, "resume": ckpt}
+    assert resumed(["--eval-only", ckpt]) == {**saved, "eval_only": ckpt}
+    # A flag given on purpose wins, even at its default value; the networks' shapes stay the checkpoint's.
+    assert resumed(["--resume", ckpt, "--max-iters", "9", "--seed", "1", "--frame-stack", "5"]) == {
+        **saved, "max_iters": 9, "seed": 1, "resume": ckpt}

@@ -95,7 +95,7 @@ def test_blown_up_env_is_reset_and_training_continues(agent):
         assert "nan" in str(error).lower()
         raised = True
     if raised:
-        assert dl.reset_broken_envs(task, episode).tolist() == [0]
+        assert dl.reset_broken_envs(task, episode)[0].tolist() == [0]
     else:  # Genesis let the window finish: env 0 must have been terminated
         assert episode["ended"].tolist() == [True, False]
         task.reset(torch.tensor([0]))
@@ -123,14 +123,20 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 4 and ckpt["args"]["task"] == task
     assert re.search(r"iter 2/\d+ +return", out.stdout)
-    if task == "hopper":  # resume continues the count; eval-only takes the task and shapes from the checkpoint
-        out = run([*TINY, "--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
-                  tmp_path)
+    if task == "hopper":
+        # Resume continues the count with the saved settings (2 envs, H = 4, 5 eval steps: none of them given
+        # again), except the flags given with it; eval-only takes the task and shapes from the checkpoint.
+        out = run(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 3
-        out = run(["--task", "ant", "--num-envs", "2", "--eval-steps", "5", "--eval-only",
-                   str(run_dir / "checkpoint.pt")], tmp_path)
+        after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 4
+        assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
+                                 "resume": str(run_dir / "checkpoint.pt")}
+        lr = scalars(run_dir).Scalars("charts/learning_rate")[-1]
+        assert lr.step == 3 * 2 * 4 and lr.value == pytest.approx(dl.linear_lr(2e-3, 1e-5, 2, 3), rel=1e-6)
+        out = run(["--task", "ant", "--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
+        assert "eval over 2 episodes" in out.stdout
         assert re.search(r"mean return -?[\d.]+, forward velocity -?[\d.]+ m/s", out.stdout)
         assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 

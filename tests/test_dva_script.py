@@ -1,9 +1,11 @@
 """dva_cartpole.py end to end, as a user runs it: logging, checkpoints, resume, eval-only, bad input, learning."""
 
 import re
+import subprocess
 
 import pytest
 import torch
+from dva_cartpole import linear_lr
 from script_helpers import assert_one_clear_error, failed_cleanly, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
@@ -67,6 +69,46 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     match = re.search(r"mean return (-?[\d.]+)", out.stdout)
     assert match and -1e5 < float(match.group(1)) < 2400
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000
+
+
+def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
+    """A resumed --obs state run trains on with its saved settings (not a bare command line's defaults: 64 envs,
+    H = 32, the pixel learning rates, 4000 iterations), and a flag given with --resume changes its setting."""
+    out = run(["--obs", "state", "--num-envs", "2", "--horizon", "4", "--actor-lr", "3e-3", "--max-iters", "4",
+               "--eval-every", "0"], tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (first,) = (tmp_path / "runs").iterdir()
+    stopped = torch.load(first / "checkpoint.pt", weights_only=False)
+    stopped["iteration"], stopped["global_step"] = 2, 2 * 2 * 4  # as if stopped (Ctrl-C) after iteration 2
+    saved = stopped["args"]
+    assert (saved["actor_lr"], saved["critic_lr"], saved["max_iters"]) == (3e-3, 1e-3, 4)  # 1e-3: state's default
+
+    def resume(name, flags):
+        """Resume the stopped run in a folder of its own; returns the new checkpoint and the resumed iterations'
+        learning rates."""
+        ckpt = tmp_path / name / "checkpoint.pt"
+        ckpt.parent.mkdir()
+        torch.save(stopped, ckpt)
+        try:
+            out = run([*flags, "--resume", str(ckpt)], tmp_path, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name}: the resumed run did not stop at 2 envs x H 4 x 4 or 6 iterations")
+        assert out.returncode == 0, out.stderr[-3000:]
+        after = torch.load(ckpt, weights_only=False)
+        assert after["args"]["resume"] == str(ckpt)
+        return after, [e.value for e in scalars(ckpt.parent).Scalars("charts/learning_rate")]
+
+    # A flag given on purpose: 4 more iterations, the saved lr now decaying over 6; every other setting as saved.
+    after, lrs = resume("longer", ["--max-iters", "6"])
+    assert after["args"] == {**saved, "max_iters": 6, "resume": after["args"]["resume"]}
+    assert after["iteration"] == 6 and after["global_step"] == 6 * 2 * 4
+    assert lrs == pytest.approx([linear_lr(3e-3, 1e-5, i - 1, 6) for i in (3, 4, 5, 6)], rel=1e-6)
+
+    # No flag: iterations 3 and 4 of the saved run, exactly as saved.
+    after, lrs = resume("as_saved", [])
+    assert after["args"] == {**saved, "resume": after["args"]["resume"]}
+    assert after["iteration"] == 4 and after["global_step"] == 4 * 2 * 4
+    assert lrs == pytest.approx([linear_lr(3e-3, 1e-5, i - 1, 4) for i in (3, 4)], rel=1e-6)
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -98,15 +98,19 @@ def test_resume_continues_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
-    out = run([*TINY, "--max-iters", "4", "--eval-every", "0", "--resume", str(ckpt)], cwd)
+    # the saved settings (2 envs, 4-step segments, ...), not given again, except the flags given with --resume
+    out = run(["--max-iters", "4", "--eval-every", "0", "--resume", str(ckpt)], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stage 1" not in out.stdout and "iter 3/4" in out.stdout and "iter 1/" not in out.stdout
     after = torch.load(ckpt, weights_only=False)
     assert after["iteration"] == 4 and after["expert"] == before["expert"]
+    assert after["global_step"] == 4 * 2 * 4
+    assert after["args"] == {**before["args"], "max_iters": 4, "eval_every": 0, "resume": str(ckpt)}
     assert not torch.equal(after["student"]["mu.weight"], before["student"]["mu.weight"])
 
-    out = run(["--num-envs", "2", "--eval-only", str(ckpt)], cwd)
+    out = run(["--eval-only", str(ckpt)], cwd)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval over 2 episodes" in out.stdout
     assert "mean return" in out.stdout and (run_dir / "eval_only.mp4").exists()
 
 

@@ -94,13 +94,18 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(name, tmp_path):
     assert all(abs(e.value) > 0 for e in acc.Scalars("grads/actor_grad_norm"))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 3 and ckpt["args"]["task"] == name
-    if name == "cartpole":  # resume continues the count; eval-only takes the task and shapes from the checkpoint
-        out = run([*TINY, "--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
-                  tmp_path)
+    if name == "cartpole":
+        # Resume continues the count with the saved settings (2 envs, H = 3: not given again), except the flags given
+        # with it; eval-only takes the saved settings, the task and the shapes from the checkpoint.
+        out = run(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 3
-        out = run(["--num-envs", "2", "--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
+        after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 3
+        assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
+                                 "resume": str(run_dir / "checkpoint.pt")}
+        out = run(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
+        assert "eval over 2 episodes" in out.stdout
         assert re.search(r"mean return -?[\d.]+, eval_success [\d.]+", out.stdout)
         assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 
