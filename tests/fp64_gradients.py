@@ -16,7 +16,9 @@ from test_locomotion_task import ant_on_its_feet, check_gradient, humanoid_in_th
 ant = make_task("ant", 2, torch.device("cpu"), image_size=None, precision="64")
 humanoid = make_task("humanoid", 2, torch.device("cpu"), image_size=None, precision="64")
 errors = {
-    "ant_contact_8_steps": check_gradient(ant, 8, *ant_on_its_feet(ant), eps=1e-4),
+    # eps 1e-5: with the floor under every geom, a contact of the settled ant is made or broken within +-1e-4 of the
+    # actions (finite differences at 1e-4 are off by 100 %, at 1e-5 they agree with autograd to 1e-7)
+    "ant_contact_8_steps": check_gradient(ant, 8, *ant_on_its_feet(ant), eps=1e-5),
     "humanoid_3_steps": check_gradient(humanoid, 3, *humanoid_in_the_air(humanoid), eps=1e-4),
 }
 print(json.dumps(errors))
