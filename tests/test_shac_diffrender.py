@@ -49,7 +49,7 @@ def test_gradient_reaches_the_state_through_the_images(task):
     with torch.enable_grad():
         task.backward(image_loss(first))
     analytic = first.grad[:, 0].clone()
-    eps = 2e-3  # the cart moves about a millimetre: well inside the soft edges
+    eps = 1e-2  # the 52.5 kg cart-pole moves about 0.3 mm: well inside the soft edges, well above fp32 round-off
     for env in range(2):
         outs = []
         for sign in (1.0, -1.0):
