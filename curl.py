@@ -26,6 +26,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,24 +35,23 @@ import torch.nn.functional as F
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
-
-TASKS = ("cartpole", "hopper", "ant", "humanoid")
+from common.tasks import TaskName
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
 class Args:
-    task: str = "cartpole"
-    """cartpole | hopper | ant | humanoid"""
+    task: TaskName = "cartpole"
+    """which task"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy, python and the task's start states"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
-    renderer: str = "auto"
-    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
-    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch and Genesis run (auto: cuda if torch sees a GPU)"""
+    renderer: Literal["auto", "batch", "rasterizer", "torch"] = "auto"
+    """Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA, Rasterizer on CPU), or the torch ray
+    caster of common/diff_render.py"""
     num_envs: int = 16
     """number of parallel envs"""
     max_iters: int = 30000
@@ -78,7 +78,7 @@ class Args:
     buffer_size: int = 100_000
     """replay capacity in transitions (all envs together). Stored as single uncropped uint8 frames in a time-major
     ring (no stacks, no next_obs copies): 100k x 3 x 100 x 100 B = 3.0 GB at the default 84 px + 16; 0.8 GB at
-    32 x 64 + 6; pages are touched only as the ring fills. Not saved in checkpoints (too large): --resume refills it
+    32 x 64 + 8; pages are touched only as the ring fills. Not saved in checkpoints (too large): --resume refills it
     with --seed-steps steps of the loaded policy before updating again"""
     batch_size: int = 32
     """transitions per update (and the InfoNCE batch: B - 1 negatives per positive)"""
@@ -140,13 +140,13 @@ def finalize_args(args: Args) -> Args:
     if args.crop_margin == -1:
         args.crop_margin = round(16 * min(args.image_size, args.image_width) / 84)
         args.crop_margin += -(args.image_width + args.crop_margin) % 4
-    problems = []
-    if args.task not in TASKS:
-        problems.append(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
-    if args.num_envs < 1:
-        problems.append(f"--num-envs must be >= 1 (got {args.num_envs})")
-    if args.max_iters < 1:
-        problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "max_iters", "frame_stack", "action_repeat", "feature_dim", "hidden_dim",
+                            "buffer_size", "actor_update_every", "target_update_every", "eval_steps", "log_every",
+                            "save_every"),
+        non_negative=("updates_per_step", "seed_steps", "max_minutes", "eval_every", "torch_threads"),
+        positive=("actor_lr", "critic_lr", "encoder_lr", "alpha_lr", "init_temperature"),
+        unit=("gamma", "alpha_beta", "critic_tau", "encoder_tau"))
     if min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px after cropping, for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
@@ -157,23 +157,11 @@ def finalize_args(args: Args) -> Args:
         # 64, 68, 72 work (rows of 3-byte pixels must fill whole 4-byte words).
         problems.append(f"the rendered width --image-width + --crop-margin = {args.image_width + args.crop_margin} "
                         f"must be a multiple of 4 (Genesis's camera corrupts memory at other widths)")
-    if args.frame_stack < 1 or args.action_repeat < 1:
-        problems.append("--frame-stack and --action-repeat must be >= 1")
     if args.batch_size < 2:
         problems.append(f"--batch-size must be >= 2: InfoNCE needs negatives (got {args.batch_size})")
-    if args.updates_per_step < 0 or args.seed_steps < 0:
-        problems.append("--updates-per-step and --seed-steps must be >= 0")
     if args.num_envs >= 1 and args.buffer_size // args.num_envs < args.frame_stack + 2:
         problems.append(f"--buffer-size must hold at least frame_stack + 2 steps per env "
                         f"(got {args.buffer_size} for {args.num_envs} envs)")
-    if args.actor_update_every < 1 or args.target_update_every < 1:
-        problems.append("--actor-update-every and --target-update-every must be >= 1")
-    if args.eval_steps < 1:
-        problems.append(f"--eval-steps must be >= 1 (got {args.eval_steps})")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
@@ -500,10 +488,11 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
     """One episode per env from task.reset() with the mean action on centre crops, at the training action repeat.
 
     The return is the sum of the task's per-sim-step rewards while alive, as D.Va's evaluation (240 sim steps for
-    cart-pole, --eval-steps for locomotion). Returns (mean return, cart-pole success rate or locomotion forward
-    velocity, frames of env 0 as the policy sees them or None). The caller resets the training batch afterwards.
+    cart-pole, --eval-steps for locomotion). Returns (mean return, the task's score: cart-pole success rate or
+    locomotion forward velocity, frames of env 0 as the policy sees them or None). The caller resets the training
+    batch afterwards.
     """
-    cartpole = task.name == "cartpole"
+    cartpole = task.name == "cartpole"  # the cart-pole's success needs the full episode
     steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
     size = (args.image_size, args.image_width)
     task.reset()
@@ -511,9 +500,8 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
     image = task.render()
     frames.reset(image)
     n = task.num_envs
-    returns, speed = torch.zeros(n, device=task.device), torch.zeros(n, device=task.device)
+    returns, score = torch.zeros(n, device=task.device), torch.zeros(n, device=task.device)
     alive = torch.ones(n, dtype=torch.bool, device=task.device)
-    upright = torch.ones_like(alive)
     t = 0
     while t < steps and alive.any():
         if capture_video:
@@ -522,33 +510,18 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
         for _ in range(min(args.action_repeat, steps - t)):
             reward, terminated, _ = task.step(action)
             returns += torch.where(alive, reward, 0.0)
-            if cartpole:
-                alive &= ~terminated
-                if t >= steps - 60:  # success: within 0.3 rad of upright at every step of the last 60
-                    upright &= task.pole_angle().abs() < 0.3
-            else:
-                speed += torch.where(alive, task.forward_velocity(), 0.0)
-                alive &= ~terminated
+            score += task.score_step(t, steps, alive)
+            alive &= ~terminated
             t += 1
         image = task.render()
         frames.push(image)
     clip = np.stack(video) if capture_video else None
-    second = (alive & upright).float().mean().item() if cartpole else (speed / steps).mean().item()
-    return returns.mean().item(), second, clip
+    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-        path = args.resume or args.eval_only
-        if not Path(path).is_file():
-            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on them follow them
     except ValueError as error:
@@ -557,6 +530,7 @@ if __name__ == "__main__":
     from torch.utils.tensorboard import SummaryWriter
 
     from common.genesis_setup import resolve_device, resolve_renderer
+    from common.tasks import make_task
     from common.utils import (hparams_table, rng_state, run_name, save_checkpoint, seed_everything, set_rng_state,
                               write_video)
 
@@ -573,14 +547,7 @@ if __name__ == "__main__":
     image_size = (args.image_size, args.image_width)
     render_size = (args.image_size + args.crop_margin, args.image_width + args.crop_margin)
     task_kwargs = dict(image_size=render_size, renderer=renderer, requires_grad=False, seed=args.seed)
-    if args.task == "cartpole":
-        from common.cartpole import CartpoleTask
-
-        task = CartpoleTask(args.num_envs, device, **task_kwargs)
-    else:
-        from common.locomotion import make_task
-
-        task = make_task(args.task, args.num_envs, device, **task_kwargs)
+    task = make_task(args.task, args.num_envs, device, **task_kwargs)
     agent = CurlSacAgent((3 * args.frame_stack, *image_size), task.act_dim, args, device)
     start_iter, global_step = 1, 0
     if checkpoint is not None:
@@ -589,14 +556,14 @@ if __name__ == "__main__":
         except (RuntimeError, KeyError) as error:
             sys.exit(f"error: the checkpoint does not fit this script's networks: {error}")
 
-    def report_eval(second: float) -> str:
-        return f"success {second:.2f}" if args.task == "cartpole" else f"forward velocity {second:.2f} m/s"
+    def report_eval(score: float) -> str:
+        return f"success {score:.2f}" if task.score_name == "success" else f"forward velocity {score:.2f} m/s"
 
     if args.eval_only:
-        ret, second, clip = evaluate(task, agent, args, capture_video=True)
+        ret, score, clip = evaluate(task, agent, args, capture_video=True)
         out = Path(args.eval_only).with_name("eval_only.mp4")
         write_video(clip, out)
-        print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, {report_eval(second)}; video: {out}")
+        print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, {report_eval(score)}; video: {out}")
         sys.exit(0)
 
     if checkpoint is not None:
@@ -695,14 +662,11 @@ if __name__ == "__main__":
             out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
             last = iteration == args.max_iters or out_of_time
             if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
-                ret, second, clip = evaluate(task, agent, args, capture_video=args.capture_video)
+                ret, score, clip = evaluate(task, agent, args, capture_video=args.capture_video)
                 writer.add_scalar("charts/eval_return", ret, global_step)
-                if args.task == "cartpole":
-                    writer.add_scalar("charts/eval_success", second, global_step)
-                else:
-                    writer.add_scalar("charts/eval_forward_velocity", second, global_step)
+                writer.add_scalar(f"charts/eval_{task.score_name}", score, global_step)
                 print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
-                      f"{report_eval(second)}", flush=True)
+                      f"{report_eval(score)}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
                 with torch.no_grad():

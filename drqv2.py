@@ -1,7 +1,7 @@
 """DrQ-v2 from pixels over a batch of Genesis envs: the model-free visual baseline of D.Va's comparison.
 
 Yarats et al. "Mastering Visual Continuous Control: Improved Data-Augmented Reinforcement Learning" (ICLR 2022),
-with the settings of D.Va's baseline section (Xu et al., arXiv 2505.10646): DDPG with n-step returns, clipped double
+with the settings of D.Va's baseline section (You et al., arXiv 2505.10646): DDPG with n-step returns, clipped double
 Q, a scheduled exploration std, and random-shift augmentation of the replay frames; the encoder learns from the
 critic loss only. The envs run in parallel: one iteration is one batched agent step of all envs (each action held for
 `--action-repeat` simulation steps) followed by `--updates-per-step` gradient updates (16 envs and 8 updates keep
@@ -20,6 +20,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,22 +29,23 @@ import torch.nn.functional as F
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
+from common.tasks import TaskName
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
 class Args:
-    task: str = "cartpole"
-    """cartpole | hopper | ant | humanoid; it selects the defaults below (any flag overrides them)"""
+    task: TaskName = "cartpole"
+    """which task; it selects the defaults below (any flag overrides them)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy, python and the task's start states"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch, Genesis and the replay buffer live (auto: cuda if torch sees a GPU)"""
-    renderer: str = "auto"
-    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
-    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch, Genesis and the replay buffer live (auto: cuda if torch sees a GPU)"""
+    renderer: Literal["auto", "batch", "rasterizer", "torch"] = "auto"
+    """Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA, Rasterizer on CPU), or the torch ray
+    caster of common/diff_render.py"""
     num_envs: int | None = None
     """number of parallel envs (default: 16 for cartpole, 32 otherwise)"""
     updates_per_step: int | None = None
@@ -132,8 +134,6 @@ SHAPE_ARGS = ("task", "image_size", "image_width", "frame_stack", "feature_dim",
 
 def finalize_args(args: Args) -> Args:
     """Fill the task's defaults and reject bad input before anything is built."""
-    if args.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown --task {args.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
     defaults = TASK_DEFAULTS[args.task]
     for key in ("num_envs", "updates_per_step", "feature_dim", "std_schedule_steps"):
         if getattr(args, key) is None:
@@ -141,50 +141,26 @@ def finalize_args(args: Args) -> Args:
     if args.max_iters is None and args.num_envs >= 1 and args.action_repeat >= 1:
         args.max_iters = math.ceil(defaults["train_frames"] / (args.num_envs * args.action_repeat))
     args.image_width = args.image_width or args.image_size
-    problems = []
-    for flag, value in (("--num-envs", args.num_envs), ("--max-iters", args.max_iters),
-                        ("--frame-stack", args.frame_stack), ("--action-repeat", args.action_repeat),
-                        ("--feature-dim", args.feature_dim), ("--hidden-dim", args.hidden_dim),
-                        ("--batch-size", args.batch_size), ("--n-step", args.n_step),
-                        ("--eval-steps", args.eval_steps), ("--std-schedule-steps", args.std_schedule_steps)):
-        if value is not None and value < 1:
-            problems.append(f"{flag} must be >= 1 (got {value})")
-    for flag, value in (("--updates-per-step", args.updates_per_step), ("--seed-steps", args.seed_steps),
-                        ("--shift-pad", args.shift_pad)):
-        if value < 0:
-            problems.append(f"{flag} must be >= 0 (got {value})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "frame_stack", "action_repeat", "feature_dim", "hidden_dim", "batch_size",
+                            "n_step", "eval_steps", "std_schedule_steps", "buffer_size", "log_every", "save_every"),
+        non_negative=("updates_per_step", "seed_steps", "shift_pad", "max_minutes", "eval_every", "torch_threads",
+                      "std_start", "std_end", "std_clip"),
+        positive=("lr",), unit=("gamma", "critic_tau"))
+    if args.max_iters is not None and args.max_iters < 1:
+        problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
     if min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
     if args.num_envs >= 1 and args.buffer_size // args.num_envs < args.n_step + args.frame_stack + 1:
         problems.append(f"--buffer-size {args.buffer_size} leaves fewer than n_step + frame_stack + 1 = "
                         f"{args.n_step + args.frame_stack + 1} frames per env")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.critic_tau <= 1.0:
-        problems.append(f"--gamma and --critic-tau must be in (0, 1] (got {args.gamma}, {args.critic_tau})")
-    if min(args.std_start, args.std_end, args.std_clip) < 0:
-        problems.append("--std-start, --std-end and --std-clip must be >= 0")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
     if problems:
         raise ValueError("; ".join(problems))
     return args
-
-
-def make_task(name: str, num_envs: int, device: torch.device, image_size: tuple[int, int], renderer: str, seed: int):
-    """The Genesis task without a gradient tape (faster; resets are safe at any step)."""
-    if name == "cartpole":
-        from common.cartpole import CartpoleTask
-
-        return CartpoleTask(num_envs, device, image_size=image_size, renderer=renderer, requires_grad=False, seed=seed)
-    from common.locomotion import make_task as make_locomotion_task
-
-    return make_locomotion_task(name, num_envs, device, image_size=image_size, renderer=renderer,
-                                requires_grad=False, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------- networks
@@ -449,55 +425,39 @@ def evaluate(task, encoder, actor, args: Args, capture_video: bool = False):
     """One episode per env from task.reset() with the mean action (held for action_repeat sim steps), on D.Va's
     scale: the return is the sum of the per-sim-step rewards while alive.
 
-    Returns (mean return, score, frames of env 0 or None). The score is the cart-pole's success rate (pole within
-    0.3 rad of upright at every sim step of the last 60, and alive at the end, as dva_cartpole.py) or the
-    locomotion's forward velocity (distance over the evaluation's full duration, as dva_locomotion.py). The caller
-    resets the training envs afterwards.
+    Returns (mean return, score, frames of env 0 or None). The score is the task's (`task.score`): the cart-pole's
+    success rate (pole within 0.3 rad of upright at every sim step of the last 60, and alive at the end) or the
+    locomotion's forward velocity (distance over the evaluation's full duration). The caller resets the training
+    envs afterwards.
     """
-    cartpole = args.task == "cartpole"
+    cartpole = args.task == "cartpole"  # the cart-pole's success needs the full episode
     steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
     frames, video = FrameStack(args.frame_stack), []
     task.reset()
     image = task.render()
     frames.reset(image)
-    returns, speed = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
+    returns, score = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
     alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-    upright = torch.ones_like(alive)
     t = 0
-    while t < steps:
+    while t < steps and alive.any():
         if capture_video:
             video.append(image[0].cpu().numpy())
         action = act(encoder, actor, frames.frames, std=None)
         for _ in range(min(args.action_repeat, steps - t)):
             reward, terminated, _ = task.step(action)
             returns += torch.where(alive, reward, 0.0)
-            if not cartpole:
-                speed += torch.where(alive, task.forward_velocity(), 0.0)
+            score += task.score_step(t, steps, alive)
             alive &= ~terminated
-            if cartpole and t >= steps - 60:
-                upright &= task.pole_angle().abs() < 0.3
             t += 1
-        if not cartpole and not alive.any():
-            break
         image = task.render()
         frames.push(image)
     clip = np.stack(video) if capture_video else None
-    score = (alive & upright).float().mean().item() if cartpole else (speed / steps).mean().item()
-    return returns.mean().item(), score, clip
+    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-        path = args.resume or args.eval_only
-        if not Path(path).is_file():
-            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
@@ -506,6 +466,7 @@ if __name__ == "__main__":
     from torch.utils.tensorboard import SummaryWriter
 
     from common.genesis_setup import resolve_device, resolve_renderer
+    from common.tasks import make_task
     from common.utils import hparams_table, rng_state, run_name, save_checkpoint, seed_everything, set_rng_state, \
         write_video
 
@@ -517,13 +478,13 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
-    score_name = "success" if args.task == "cartpole" else "forward_velocity"
-    score_tag = f"charts/eval_{score_name}"
     video_fps = max(1, 30 // args.action_repeat)  # one video frame per agent step, at dva_cartpole.py's speed
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)
-    task = make_task(args.task, args.num_envs, device, image_size, renderer, args.seed)
+    task = make_task(args.task, args.num_envs, device, image_size, renderer, args.seed, requires_grad=False)
+    score_name = task.score_name  # success (cart-pole) or forward_velocity
+    score_tag = f"charts/eval_{score_name}"
     obs_shape = (3 * args.frame_stack, *image_size)
     encoder = Encoder(obs_shape).to(device)
     encoder.apply(weight_init)

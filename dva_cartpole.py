@@ -1,6 +1,6 @@
 """D.Va on visual cart-pole swing-up (Genesis): the decoupled visual-based analytical policy gradient.
 
-Xu et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646).
+You et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646).
 SHAC's short-horizon actor-critic loop with an actor that sees stacked RGB frames. The frames are rendered without
 gradient, so the policy gradient reaches the actor only through its actions -> differentiable dynamics -> rewards
 and the terminal value. The critic sees the simulator state (privileged, training only).
@@ -25,7 +25,7 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -34,11 +34,11 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy, python and the task's start states"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
-    renderer: str = "auto"
-    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
-    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch and Genesis run (auto: cuda if torch sees a GPU)"""
+    renderer: Literal["auto", "batch", "rasterizer", "torch"] = "auto"
+    """Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA, Rasterizer on CPU), or the torch ray
+    caster of common/diff_render.py"""
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
     num_envs: int = 64
@@ -110,24 +110,14 @@ def finalize_args(args: Args) -> Args:
     args.actor_lr = args.actor_lr or (2e-3 if pixels else 1e-2)
     args.critic_lr = args.critic_lr or (2e-4 if pixels else 1e-3)
     args.image_width = args.image_width or args.image_size
-    problems = []
-    if args.num_envs < 1:
-        problems.append(f"--num-envs must be >= 1 (got {args.num_envs})")
-    if args.horizon < 1:
-        problems.append(f"--horizon must be >= 1 (got {args.horizon})")
-    if args.max_iters < 1:
-        problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "horizon", "max_iters", "frame_stack", "actor_hidden", "critic_hidden",
+                            "critic_minibatches", "log_every", "save_every"),
+        non_negative=("max_minutes", "min_lr", "critic_iterations", "eval_every", "torch_threads"),
+        positive=("actor_lr", "critic_lr", "max_grad_norm"), unit=("betas", "gamma", "lam", "target_alpha"))
     if pixels and min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
-    if args.frame_stack < 1:
-        problems.append(f"--frame-stack must be >= 1 (got {args.frame_stack})")
-    if args.critic_minibatches < 1 or args.critic_iterations < 0:
-        problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
@@ -272,8 +262,8 @@ def soft_update(target: nn.Module, source: nn.Module, alpha: float):
 def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
     """One episode per env with the mean action; the training batch is put back afterwards.
 
-    Returns (mean return, success rate, frames of env 0 or None). Success: the pole stays within 0.3 rad of upright
-    over the last 60 steps, and the episode ran to its time limit.
+    Returns (mean return, success rate, frames of env 0 or None). Success (`task.score`): the pole stays within
+    0.3 rad of upright over the last 60 steps, and the episode ran to its time limit.
     """
     pixels = args.obs == "pixels"
     snapshot = task.snapshot()
@@ -285,23 +275,22 @@ def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
             frames.reset(image)
         returns = torch.zeros(task.num_envs, device=task.device)
         alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        upright = torch.ones_like(alive)
-        for t in range(task.max_episode_length):
+        score, steps = torch.zeros_like(returns), task.max_episode_length
+        for t in range(steps):
             if capture_video:
                 video.append(image[0].cpu().numpy())
             obs = frames.frames if pixels else obs_rms.normalize(task.critic_obs())
             reward, terminated, _ = task.step(actor(obs, deterministic=True))
             returns += torch.where(alive, reward, 0.0)
+            score += task.score_step(t, steps, alive)
             alive &= ~terminated
-            if t >= task.max_episode_length - 60:
-                upright &= task.pole_angle().abs() < 0.3
             if render:
                 image = task.render()
                 if pixels:
                     frames.push(image)
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
     clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), (alive & upright).float().mean().item(), clip
+    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
@@ -310,16 +299,7 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-        path = args.resume or args.eval_only
-        if not Path(path).is_file():
-            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on --obs follow them
     except ValueError as error:
@@ -327,8 +307,8 @@ if __name__ == "__main__":
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from common.cartpole import CartpoleTask
     from common.genesis_setup import resolve_device, resolve_renderer
+    from common.tasks import make_task
     from common.utils import (RunningMeanStd, hparams_table, rng_state, run_name, save_checkpoint, seed_everything,
                               set_rng_state, write_video)
 
@@ -344,8 +324,8 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)
-    task = CartpoleTask(args.num_envs, device, image_size=image_size if (pixels or args.capture_video or args.eval_only)
-                        else None, renderer=renderer, seed=args.seed)
+    task = make_task("cartpole", args.num_envs, device, renderer=renderer, seed=args.seed,
+                     image_size=image_size if (pixels or args.capture_video or args.eval_only) else None)
     obs_shape = (3 * args.frame_stack, *image_size) if pixels else (task.critic_obs_dim,)
     actor = Actor(obs_shape, task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)

@@ -1,6 +1,6 @@
 """D.Va on visual locomotion (Genesis): hopper, ant and humanoid from pixels, with analytic policy gradients.
 
-Xu et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646).
+You et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646).
 SHAC's short-horizon actor-critic loop with an actor that sees stacked RGB frames from a camera following the torso.
 The frames are rendered without gradient, so the policy gradient reaches the actor only through its actions ->
 differentiable dynamics -> rewards and the terminal value; the critic sees the simulator state (training only).
@@ -27,7 +27,8 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
+from common.tasks import SimulationBlowUp
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -38,17 +39,17 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy, python and the task's start states"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
-    renderer: str = "auto"
-    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
-    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch and Genesis run (auto: cuda if torch sees a GPU)"""
+    renderer: Literal["auto", "batch", "rasterizer", "torch"] = "auto"
+    """Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA, Rasterizer on CPU), or the torch ray
+    caster of common/diff_render.py"""
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
     num_envs: int | None = None
     """number of parallel envs (default: 64; 256 for hopper with --obs state, as SHAC)"""
     horizon: int | None = None
-    """short horizon H: simulation steps per actor update (default: 32; ant 16, see the README)"""
+    """short horizon H: simulation steps per actor update (default: 32; ant 16, see docs/results.md)"""
     max_iters: int | None = None
     """training iterations (one = num_envs x horizon steps); default: the paper's (hopper, ant 30000, humanoid 60000
     for pixels; for state 2000 x 32 / horizon, SHAC's 2000 iterations in env steps)"""
@@ -103,12 +104,12 @@ class Args:
     """torch CPU threads (0 = torch's default)"""
 
 
-# The paper's per-task settings (NOTES section 4; state SHAC: the same networks and lrs, 2000 iterations).
+# The paper's per-task settings (the authors' D.Va configs; state SHAC: the same networks and lrs, 2000 iterations).
 TASK_DEFAULTS = {
     "hopper": dict(horizon=32, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-4, target_alpha=0.2,
                    max_iters=30000),
     # ant: H = 16, not the paper's 32: with Genesis's hard contacts the 32-step gradient of the ant is too erratic
-    # (state SHAC stood still for 8 minutes at H = 32 and walked at H = 16; README, "Ant").
+    # (state SHAC stood still for 8 minutes at H = 32 and walked at H = 16; docs/results.md, "Ant").
     "ant": dict(horizon=16, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-3, target_alpha=0.2,
                 max_iters=30000),
     "humanoid": dict(horizon=32, actor_hidden=(256, 128), critic_hidden=(128, 128), critic_lr=5e-4,
@@ -120,8 +121,6 @@ SHAPE_ARGS = ("task", "obs", "image_size", "frame_stack", "actor_hidden", "criti
 
 def finalize_args(args: Args) -> Args:
     """Fill the task's defaults and reject bad input before anything is built."""
-    if args.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown --task {args.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
     pixels = args.obs == "pixels"
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
@@ -129,27 +128,13 @@ def finalize_args(args: Args) -> Args:
             setattr(args, key, value if (key != "max_iters" or pixels) else 2000 * 32 // max(args.horizon, 1))
     if args.num_envs is None:
         args.num_envs = 256 if (args.task == "hopper" and not pixels) else 64
-    problems = []
-    if args.num_envs < 1:
-        problems.append(f"--num-envs must be >= 1 (got {args.num_envs})")
-    if args.horizon < 1:
-        problems.append(f"--horizon must be >= 1 (got {args.horizon})")
-    if args.max_iters < 1:
-        problems.append(f"--max-iters must be >= 1 (got {args.max_iters})")
-    if args.eval_steps < 1:
-        problems.append(f"--eval-steps must be >= 1 (got {args.eval_steps})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "horizon", "max_iters", "eval_steps", "frame_stack", "actor_hidden",
+                            "critic_hidden", "critic_minibatches", "log_every", "save_every"),
+        non_negative=("max_minutes", "min_lr", "critic_iterations", "eval_every", "torch_threads"),
+        positive=("actor_lr", "critic_lr", "max_grad_norm"), unit=("betas", "gamma", "lam", "target_alpha"))
     if pixels and args.image_size < 15:
         problems.append(f"--image-size must be >= 15 px for the encoder (got {args.image_size})")
-    if args.frame_stack < 1:
-        problems.append(f"--frame-stack must be >= 1 (got {args.frame_stack})")
-    if args.critic_minibatches < 1 or args.critic_iterations < 0:
-        problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
-    if not 0.0 <= args.target_alpha <= 1.0:
-        problems.append(f"--target-alpha must be in [0, 1] (got {args.target_alpha})")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
@@ -250,9 +235,9 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
 def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
     """Back-propagate the window's loss through the simulator and step the actor, or skip a bad window.
 
-    A non-finite loss, a non-finite gradient, or Genesis's "Nan grad" error during its backward pass (humanoid, now and
-    then) skips the update: the simulator is put back to the window's end state (saved before the backward pass), the
-    tape is cut, and the caller resets the envs that blew up. Returns (pre-clip gradient norm, skipped).
+    A non-finite loss, a non-finite gradient, or Genesis's NaN stop in its backward pass (`SimulationBlowUp`; humanoid,
+    now and then) skips the update: the simulator is put back to the window's end state (saved before the backward
+    pass), the tape is cut, and the caller resets the envs that blew up. Returns (pre-clip gradient norm, skipped).
     """
     actor_opt.zero_grad()
     if not torch.isfinite(actor_loss):
@@ -261,9 +246,7 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
     snapshot = task.snapshot()
     try:
         task.backward(actor_loss)
-    except Exception as error:  # Genesis raises its own exception type; only its NaN errors are recoverable
-        if "nan" not in str(error).lower():
-            raise
+    except SimulationBlowUp:
         task.restore(snapshot)
         task.cut_graph()
         actor_opt.zero_grad()
@@ -274,11 +257,6 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
         return grad_norm, True
     actor_opt.step()
     return grad_norm, False
-
-
-def broken_envs(task) -> torch.Tensor:
-    """Envs whose state is non-finite or flagged by Genesis's solver (a blow-up freezes the state, it is no NaN)."""
-    return ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
 
 
 def window_boundary(task, episode, frames=None, broken=None):
@@ -304,7 +282,7 @@ def window_boundary(task, episode, frames=None, broken=None):
 def reset_broken_envs(task, episode, frames=None):
     """After a window that Genesis aborted: cut the tape and go to the window boundary, where the broken envs (all,
     if none is flagged) restart along with the envs that ended earlier in the window. Returns window_boundary's."""
-    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
+    broken = task.broken_envs()  # before the tape is cut: that clears Genesis's error flags
     broken = broken if broken.any() else torch.ones_like(broken)
     task.cut_graph()
     return window_boundary(task, episode, frames, broken)
@@ -371,13 +349,13 @@ def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
         returns, speed = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
         alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
         steps = min(args.eval_steps, task.max_episode_length)
-        for _ in range(steps):
+        for t in range(steps):
             if capture_video:
                 video.append(image[0].cpu().numpy())
             obs = frames.frames if pixels else obs_rms.normalize(task.critic_obs())
             reward, terminated, _ = task.step(actor(obs, deterministic=True))
             returns += torch.where(alive, reward, 0.0)
-            speed += torch.where(alive, task.forward_velocity(), 0.0)
+            speed += task.score_step(t, steps, alive)  # the forward velocity while alive
             alive &= ~terminated
             if not alive.any():
                 break
@@ -387,7 +365,7 @@ def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
                     frames.push(image)
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
     clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), (speed / steps).mean().item(), clip
+    return returns.mean().item(), task.score(speed, alive, steps).mean().item(), clip
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
@@ -396,16 +374,7 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-        path = args.resume or args.eval_only
-        if not Path(path).is_file():
-            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
@@ -414,7 +383,7 @@ if __name__ == "__main__":
     from torch.utils.tensorboard import SummaryWriter
 
     from common.genesis_setup import resolve_device, resolve_renderer
-    from common.locomotion import make_task
+    from common.tasks import make_task
     from common.utils import (RunningMeanStd, hparams_table, rng_state, run_name, save_checkpoint, seed_everything,
                               set_rng_state, write_video)
 
@@ -510,9 +479,7 @@ if __name__ == "__main__":
             try:
                 actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
                     task, actor, target_critic, obs_rms, frames, args, episode)
-            except Exception as error:  # Genesis stops a window in which an env blew up ("... causing 'nan'")
-                if "nan" not in str(error).lower():
-                    raise
+            except SimulationBlowUp:  # Genesis stopped the window: an env blew up
                 nan_skips += 1
                 log_episodes(reset_broken_envs(task, episode, frames if pixels else None)[1])
                 print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
@@ -524,7 +491,7 @@ if __name__ == "__main__":
             grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
             if skipped:  # the envs that blew up, if any, start over below; the others go on
                 nan_skips += 1
-                episode["ended"] |= broken_envs(task)
+                episode["ended"] |= task.broken_envs()
                 print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
             backward_s = time.perf_counter() - start
 

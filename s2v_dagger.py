@@ -11,13 +11,13 @@ below 0.1. The wall clock (`charts/wall_minutes`) includes stage 1 unless an exp
 """
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,24 +25,23 @@ import torch.nn as nn
 import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
-
-TASKS = ("cartpole", "hopper", "ant", "humanoid")
+from common.tasks import TaskName
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder's name)"""
-    task: str = "cartpole"
-    """cartpole | hopper | ant | humanoid"""
+    task: TaskName = "cartpole"
+    """which task"""
     seed: int = 1
     """seed of torch, numpy, python, the task's start states and the expert's training"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch and Genesis run (auto: cuda if torch sees a GPU)"""
-    renderer: str = "auto"
-    """auto | batch | rasterizer | torch: Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA,
-    Rasterizer on CPU), or the torch ray caster of common/diff_render.py"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch and Genesis run (auto: cuda if torch sees a GPU)"""
+    renderer: Literal["auto", "batch", "rasterizer", "torch"] = "auto"
+    """Genesis's BatchRenderer or Rasterizer (auto: BatchRenderer on CUDA, Rasterizer on CPU), or the torch ray
+    caster of common/diff_render.py"""
     expert: str | None = None
     """checkpoint of a state expert (a `--obs state` run of dva_cartpole.py / dva_locomotion.py); None = train one
     first (stage 1) and count its time"""
@@ -109,26 +108,16 @@ SHAPE_ARGS = ("task", "image_size", "image_width", "frame_stack", "student_hidde
 
 def finalize_args(args: Args) -> Args:
     """Fill the per-task defaults and reject bad input before anything is built."""
-    if args.task not in TASKS:
-        raise ValueError(f"unknown --task {args.task!r}: choose one of {', '.join(TASKS)}")
     args.image_width = args.image_width or args.image_size
     args.student_hidden = args.student_hidden or STUDENT_HIDDEN[args.task]
-    problems = []
-    for flag, value in (("--num-envs", args.num_envs), ("--segment-length", args.segment_length),
-                        ("--max-iters", args.max_iters), ("--frame-stack", args.frame_stack),
-                        ("--batch-size", args.batch_size), ("--max-updates", args.max_updates),
-                        ("--buffer-size", args.buffer_size), ("--eval-steps", args.eval_steps)):
-        if value < 1:
-            problems.append(f"{flag} must be >= 1 (got {value})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "segment_length", "max_iters", "frame_stack", "student_hidden", "batch_size",
+                            "max_updates", "buffer_size", "eval_steps", "log_every", "save_every"),
+        non_negative=("expert_envs", "expert_iters", "max_minutes", "bc_loss_stop", "eval_every", "torch_threads"),
+        positive=("lr",), unit=("beta_decay",))
     if min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
-    if not 0.0 <= args.beta_decay <= 1.0:
-        problems.append(f"--beta-decay must be in [0, 1] (got {args.beta_decay})")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
-    if args.renderer not in ("auto", "batch", "rasterizer", "torch"):
-        problems.append(f"unknown --renderer {args.renderer!r}: choose auto, batch, rasterizer or torch")
     for flag, path in (("--expert", args.expert), ("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
@@ -183,24 +172,26 @@ class StateExpert(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------- algorithm
 def train_expert(args: Args) -> str:
-    """Stage 1: run the state-SHAC script as a user would and return its checkpoint's path."""
+    """Stage 1: run the state-SHAC script as a user would and return its checkpoint's path: the one checkpoint the
+    run adds under runs/<task>__<exp_name>_expert__<seed>__<time>/."""
     script = "dva_cartpole.py" if args.task == "cartpole" else "dva_locomotion.py"
     cmd = [sys.executable, str(Path(__file__).parent / script), "--obs", "state", "--seed", str(args.seed),
            "--device", args.device, "--exp-name", f"{args.exp_name}_expert", "--eval-every", "0"]
     cmd += [] if args.task == "cartpole" else ["--task", args.task]
     cmd += ["--num-envs", str(args.expert_envs)] if args.expert_envs else []
     cmd += ["--max-iters", str(args.expert_iters)] if args.expert_iters else []
+    pattern = f"{args.task}__{args.exp_name}_expert__{args.seed}__*/checkpoint.pt"
+    before = set(Path("runs").glob(pattern))
     print("stage 1, the state expert:", " ".join(cmd[1:]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    checkpoint = None
-    for line in proc.stdout:
+    for line in proc.stdout:  # its progress, indented (without Genesis's start-up lines)
         if not line.startswith("[Genesis]"):
             print("  expert |", line, end="", flush=True)
-        if match := re.match(r"checkpoint: (.+)$", line.strip()):
-            checkpoint = match.group(1)
-    if proc.wait() != 0 or checkpoint is None:
-        raise RuntimeError(f"stage 1 failed (exit code {proc.returncode}): see its output above")
-    return checkpoint
+    new = sorted(set(Path("runs").glob(pattern)) - before)
+    if proc.wait() != 0 or len(new) != 1:
+        raise RuntimeError(f"stage 1 failed (exit code {proc.returncode}, {len(new)} new checkpoints): see its "
+                           f"output above")
+    return str(new[0])
 
 
 class LabelledBuffer:
@@ -267,9 +258,9 @@ def fit_student(student, optimizer, buffer: LabelledBuffer, args: Args, device) 
 
 
 def evaluate(task, student, args, capture_video: bool = False):
-    """One episode per env from a fresh start with the student; returns (mean return, success or forward velocity,
-    frames of env 0 or None). The return sums the task's per-step rewards, as D.Va's evaluation does. Cart-pole
-    success: alive at the end with the pole within 0.3 rad of upright over the last 60 steps."""
+    """One episode per env from a fresh start with the student; returns (mean return, the task's score: success or
+    forward velocity, frames of env 0 or None). The return sums the task's per-step rewards, as D.Va's evaluation
+    does. Cart-pole success: alive at the end with the pole within 0.3 rad of upright over the last 60 steps."""
     video, frames = [], FrameStack(args.frame_stack)
     steps = task.max_episode_length if task.name == "cartpole" else min(args.eval_steps, task.max_episode_length)
     with torch.no_grad():
@@ -278,20 +269,16 @@ def evaluate(task, student, args, capture_video: bool = False):
         frames.reset(image)
         returns, metric = (torch.zeros(task.num_envs, device=task.device) for _ in range(2))
         alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        upright = torch.ones_like(alive)
         for t in range(steps):
             if capture_video:
                 video.append(image[0].cpu().numpy())
             reward, terminated, _ = task.step(student(frames.frames))
             returns += torch.where(alive, reward, 0.0)
-            if task.name == "cartpole" and t >= steps - 60:
-                upright &= task.pole_angle().abs() < 0.3
-            elif task.name != "cartpole":
-                metric += torch.where(alive, task.forward_velocity(), 0.0)
+            metric += task.score_step(t, steps, alive)
             alive &= ~terminated
             image = task.render()
             frames.push(image)
-    metric = (alive & upright).float() if task.name == "cartpole" else metric / steps
+    metric = task.score(metric, alive, steps)
     clip = np.stack(video) if capture_video else None
     return returns.mean().item(), metric.mean().item(), clip
 
@@ -299,19 +286,10 @@ def evaluate(task, student, args, capture_video: bool = False):
 if __name__ == "__main__":
     start_time = time.time()  # the wall clock counts stage 1
     args = tyro.cli(Args)
-    checkpoint = None
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    if checkpoint is not None:  # --resume: the expert the student was trained with; --eval-only: the student alone
+        args.expert = checkpoint.get("expert") if args.resume else None
     try:
-        if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-            path = args.resume or args.eval_only
-            if not Path(path).is_file():
-                raise ValueError(f"{'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-            try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-                apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-                # --resume: the expert the student was trained with; --eval-only: the student alone is evaluated
-                args.expert = checkpoint["expert"] if args.resume else None
-            except Exception as error:  # a truncated or foreign file
-                raise ValueError(f"cannot read the checkpoint {path}: {error!r}")
         args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on them follow them
         from common.genesis_setup import resolve_device, resolve_renderer
 
@@ -350,16 +328,10 @@ if __name__ == "__main__":
             sys.exit(f"error: cannot read the expert checkpoint {args.expert}: {error}")
         if expert_task != args.task:
             sys.exit(f"error: the expert {args.expert} was trained on {expert_task}, not --task {args.task}")
-    if args.task == "cartpole":
-        from common.cartpole import CartpoleTask
+    from common.tasks import make_task
 
-        task = CartpoleTask(args.num_envs, device, image_size=(args.image_size, args.image_width), renderer=renderer,
-                            requires_grad=False, seed=args.seed)
-    else:
-        from common.locomotion import make_task
-
-        task = make_task(args.task, args.num_envs, device, image_size=(args.image_size, args.image_width),
-                         renderer=renderer, requires_grad=False, seed=args.seed)
+    task = make_task(args.task, args.num_envs, device, image_size=(args.image_size, args.image_width),
+                     renderer=renderer, requires_grad=False, seed=args.seed)
     obs_shape = (3 * args.frame_stack, args.image_size, args.image_width)
     student = Student(obs_shape, task.act_dim, args.student_hidden).to(device)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
@@ -376,7 +348,7 @@ if __name__ == "__main__":
         except (RuntimeError, KeyError) as error:
             sys.exit(f"error: the checkpoint does not fit this script's student: {error}")
 
-    metric_tag = "charts/eval_success" if args.task == "cartpole" else "charts/eval_forward_velocity"
+    metric_tag = f"charts/eval_{task.score_name}"  # success (cart-pole) or forward velocity
     if args.eval_only:
         ret, metric, clip = evaluate(task, student, args, capture_video=True)
         out = Path(args.eval_only).with_name("eval_only.mp4")

@@ -1,6 +1,6 @@
 """SHAC with differentiable rendering (Genesis + a torch renderer): the baseline that D.Va decouples.
 
-Xu et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646),
+You et al. "Accelerating Visual-Policy Learning through Parallel Differentiable Simulation" (arXiv 2505.10646),
 section 6's "SHAC with differentiable rendering". The loop is D.Va's (dva_cartpole.py, dva_locomotion.py) with one
 change: the actor's frames are drawn by `common/diff_render.py` from the simulator's differentiable link poses and are
 NOT detached. The policy gradient therefore also flows image -> renderer -> link poses -> dynamics -> earlier
@@ -30,7 +30,8 @@ import tyro
 from torch.utils.checkpoint import checkpoint as recompute
 
 from common.encoder import Encoder
-from common.utils import FrameStack, apply_saved_args, explicit_flags
+from common.tasks import SimulationBlowUp
+from common.utils import FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -41,8 +42,8 @@ class Args:
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy, python and the task's start states"""
-    device: str = "auto"
-    """auto | cpu | cuda: where torch, Genesis and the renderer run (auto: cuda if torch sees a GPU)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where torch, Genesis and the renderer run (auto: cuda if torch sees a GPU)"""
     num_envs: int | None = None
     """number of parallel envs (default: the paper's Table 10, 64 for cartpole and hopper, 32 for ant and humanoid:
     fewer than D.Va's 64 there, for the renderer's memory)"""
@@ -125,26 +126,18 @@ SHAPE_ARGS = ("task", "image_size", "image_width", "frame_stack", "actor_hidden"
 
 def finalize_args(args: Args) -> Args:
     """Fill the task's defaults and reject bad input before anything is built."""
-    if args.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown --task {args.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
     for key, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.image_width = args.image_width or args.image_size
-    problems = []
-    for flag, value in (("--num-envs", args.num_envs), ("--horizon", args.horizon), ("--max-iters", args.max_iters),
-                        ("--eval-steps", args.eval_steps), ("--frame-stack", args.frame_stack)):
-        if value < 1:
-            problems.append(f"{flag} must be >= 1 (got {value})")
+    problems = range_problems(
+        args, at_least_one=("num_envs", "horizon", "max_iters", "eval_steps", "frame_stack", "actor_hidden",
+                            "critic_hidden", "critic_minibatches", "log_every", "save_every"),
+        non_negative=("max_minutes", "min_lr", "critic_iterations", "eval_every", "torch_threads"),
+        positive=("actor_lr", "critic_lr", "max_grad_norm"), unit=("betas", "gamma", "lam", "target_alpha"))
     if min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
-    if args.critic_minibatches < 1 or args.critic_iterations < 0:
-        problems.append("--critic-minibatches must be >= 1 and --critic-iterations >= 0")
-    if not 0.0 <= args.target_alpha <= 1.0:
-        problems.append(f"--target-alpha must be in [0, 1] (got {args.target_alpha})")
-    if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"unknown --device {args.device!r}: choose auto, cpu or cuda")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
         if path is not None and not Path(path).is_file():
             problems.append(f"{flag}: no checkpoint file at {path}")
@@ -156,14 +149,9 @@ def finalize_args(args: Args) -> Args:
 def make_env(name: str, num_envs: int, device: torch.device, image_size: tuple[int, int], seed: int):
     """The Genesis task, without a Genesis camera (renderer="torch": its `render()` is the torch ray caster), and the
     torch renderer of the same view for the differentiable frames."""
-    if name == "cartpole":
-        from common.cartpole import CartpoleTask
+    from common.tasks import make_task
 
-        task = CartpoleTask(num_envs, device, image_size=image_size, renderer="torch", seed=seed)
-    else:
-        from common.locomotion import make_task
-
-        task = make_task(name, num_envs, device, image_size=image_size, renderer="torch", seed=seed)
+    task = make_task(name, num_envs, device, image_size=image_size, renderer="torch", seed=seed)
     return task, task.torch_renderer()
 
 
@@ -267,9 +255,7 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
     snapshot = task.snapshot()
     try:
         task.backward(actor_loss)
-    except Exception as error:  # Genesis raises its own exception type; only its NaN errors are recoverable
-        if "nan" not in str(error).lower():
-            raise
+    except SimulationBlowUp:
         task.restore(snapshot)
         task.cut_graph()
         actor_opt.zero_grad()
@@ -280,11 +266,6 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
         return grad_norm, True
     actor_opt.step()
     return grad_norm, False
-
-
-def broken_envs(task) -> torch.Tensor:
-    """Envs whose state is non-finite or flagged by Genesis's solver (a blow-up freezes the state, it is no NaN)."""
-    return ~task.finite | task.rigid.get_error_envs_mask().to(task.device)
 
 
 def window_boundary(task, renderer, episode, frames, broken=None):
@@ -311,7 +292,7 @@ def window_boundary(task, renderer, episode, frames, broken=None):
 def reset_broken_envs(task, renderer, episode, frames):
     """After a window that Genesis aborted: cut the tape and go to the window boundary, where the broken envs (all,
     if none is flagged) restart along with the envs that ended earlier in the window. Returns window_boundary's."""
-    broken = broken_envs(task)  # before the tape is cut: that clears Genesis's error flags
+    broken = task.broken_envs()  # before the tape is cut: that clears Genesis's error flags
     broken = broken if broken.any() else torch.ones_like(broken)
     task.cut_graph()
     return window_boundary(task, renderer, episode, frames, broken)
@@ -361,39 +342,34 @@ def soft_update(target: nn.Module, source: nn.Module, alpha: float):
 def evaluate(task, renderer, actor, args, capture_video: bool = False):
     """One episode per env with the mean action; the training batch is put back afterwards.
 
-    Returns (mean return, score, frames of env 0 or None). The score is the cart-pole's success rate (pole within
-    0.3 rad of upright over the last 60 steps of a full episode) or the locomotion's forward velocity (distance over
-    the evaluation's full duration).
+    Returns (mean return, score, frames of env 0 or None). The score is the task's (`task.score`): the cart-pole's
+    success rate (pole within 0.3 rad of upright over the last 60 steps of a full episode) or the locomotion's
+    forward velocity (distance over the evaluation's full duration).
     """
-    cartpole = args.task == "cartpole"
+    cartpole = args.task == "cartpole"  # the cart-pole's success needs the full episode
     snapshot = task.snapshot()
     video, frames = [], FrameStack(args.frame_stack)
     with torch.no_grad():
         task.reset()
         image = render(task, renderer)
         frames.reset(image)
-        returns, speed = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
+        returns, score = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
         alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        upright = torch.ones_like(alive)
         steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
         for t in range(steps):
             if capture_video:
                 video.append(image[0].round().to(torch.uint8).cpu().numpy())
             reward, terminated, _ = task.step(actor(frames.frames, deterministic=True))
             returns += torch.where(alive, reward, 0.0)
+            score += task.score_step(t, steps, alive)
             alive &= ~terminated
-            if cartpole and t >= steps - 60:
-                upright &= task.pole_angle().abs() < 0.3
-            if not cartpole:
-                speed += torch.where(alive, task.forward_velocity(), 0.0)
-                if not alive.any():
-                    break
+            if not alive.any():
+                break
             image = render(task, renderer)
             frames.push(image)
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
     clip = np.stack(video) if capture_video else None
-    score = (alive & upright).float().mean().item() if cartpole else (speed / steps).mean().item()
-    return returns.mean().item(), score, clip
+    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
@@ -402,16 +378,7 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume or args.eval_only:  # continue with the saved settings, except the flags given on purpose
-        path = args.resume or args.eval_only
-        if not Path(path).is_file():
-            sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], Args), SHAPE_ARGS)
-        except Exception as error:  # a truncated or foreign file
-            sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
@@ -430,11 +397,11 @@ if __name__ == "__main__":
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed)
-    score_tag = "charts/eval_success" if args.task == "cartpole" else "charts/eval_forward_velocity"
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)
     task, renderer = make_env(args.task, args.num_envs, device, image_size, args.seed)
+    score_tag = f"charts/eval_{task.score_name}"  # success (cart-pole) or forward velocity
     actor = Actor((3 * args.frame_stack, *image_size), task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
     target_critic = deepcopy(critic).requires_grad_(False)
@@ -511,9 +478,7 @@ if __name__ == "__main__":
             try:
                 actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
                     task, renderer, actor, target_critic, obs_rms, frames, args, episode)
-            except Exception as error:  # Genesis stops a window in which an env blew up ("... causing 'nan'")
-                if "nan" not in str(error).lower():
-                    raise
+            except SimulationBlowUp:  # Genesis stopped the window: an env blew up
                 nan_skips += 1
                 log_episodes(reset_broken_envs(task, renderer, episode, frames)[1])
                 print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
@@ -525,7 +490,7 @@ if __name__ == "__main__":
             grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
             if skipped:
                 nan_skips += 1
-                episode["ended"] |= broken_envs(task)
+                episode["ended"] |= task.broken_envs()
                 print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
             backward_s = time.perf_counter() - start
 

@@ -27,12 +27,8 @@ def dva_setup(task_name: str, num_envs: int, size: tuple[int, int], device, rend
     task = None
     if build_task:
         renderer = resolve_renderer(renderer, device)
-        if task_name == "cartpole":
-            from common.cartpole import CartpoleTask
+        from common.tasks import make_task
 
-            task = CartpoleTask(num_envs, device, image_size=size, renderer=renderer)
-        else:
-            from common.locomotion import make_task
-
-            task = make_task(task_name, num_envs, device, image_size=(size[0], size[0]), renderer=renderer)
+        image_size = size if task_name == "cartpole" else (size[0], size[0])  # dva_locomotion.py: square images
+        task = make_task(task_name, num_envs, device, image_size=image_size, renderer=renderer)
     return dva, args, task

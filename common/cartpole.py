@@ -1,14 +1,14 @@
 """Cart-pole swing-up on Genesis: a batch of differentiable envs with a fixed camera per env.
 
-The task API that every script uses (the locomotion tasks follow it too):
+The task API that every script uses (`common.tasks.Task`; the locomotion tasks follow it too):
 
-    task = CartpoleTask(num_envs, device, image_size=(H, W))
+    task = make_task("cartpole", num_envs, device, image_size=(H, W))   # common/tasks.py
     task.reset()                       # all envs to a random start; cuts the gradient tape
     frames = task.render()             # (N, H, W, 3) uint8, never differentiated
     reward, terminated, truncated = task.step(actions)   # actions (N, 1) in [-1, 1], differentiable
     task.critic_obs()                  # (N, 5) [x, xdot, sin th, cos th, thdot], differentiable
     task.backward(loss)                # back-propagate through the window, keep the end state
-    task.reset(ended_env_ids)          # at the window boundary only (see GENESIS.md: mid-window resets leak)
+    task.reset(ended_env_ids)          # at the window boundary only (docs/genesis.md: mid-window resets leak)
     task.link_poses(), task.camera_pose()   # the inputs of the torch renderer (common/diff_render.py)
 
 `renderer` is "rasterizer" or "batch" (Genesis's camera) or "torch" (no Genesis camera: `render()` is the torch ray
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.genesis_setup import check_camera_width, init_genesis
-from common.task_images import TaskImages
+from common.tasks import Task
 
 ASSET = Path(__file__).parent / "assets" / "cartpole.xml"
 
@@ -39,8 +39,9 @@ def cartpole_reward(x, xdot, theta, thetadot):
     return 10.0 - theta**2 - 0.1 * thetadot**2 - 0.05 * x**2 - 0.1 * xdot**2
 
 
-class CartpoleTask(TaskImages):
+class CartpoleTask(Task):
     name = "cartpole"
+    score_name = "success"
     act_dim = 1
     critic_obs_dim = 5
     max_episode_length = 240
@@ -147,27 +148,22 @@ class CartpoleTask(TaskImages):
         force = actions.clamp(-1.0, 1.0).reshape(self.num_envs, 1) * self.force_limit
         # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
         self.robot.control_dofs_force(force.to(self.float_dtype), self.motor_dofs)
-        self.scene.step()
+        self._simulate()
         self.progress += 1
         self._read_state()
         x, theta = self.qpos[:, 0], self.qpos[:, 1]
         reward = cartpole_reward(x, self.qvel[:, 0], theta, self.qvel[:, 1])
-        blown_up = ~self.finite | self.rigid.get_error_envs_mask().to(self.device) | (self.qpos.abs() > 1e6).any(-1)
+        blown_up = self.broken_envs() | (self.qpos.abs() > 1e6).any(-1)
         terminated = (x.detach().abs() > self.track_limit) | blown_up
         truncated = (self.progress >= self.max_episode_length) & ~terminated
         return reward, terminated, truncated
 
     # ----------------------------------------------------------------------------------------------- resets
-    def reset(self, env_ids: torch.Tensor | None = None):
-        """Random start for `env_ids` (all if None), then cut the gradient tape. Call only between windows."""
-        if env_ids is None:
-            env_ids = torch.arange(self.num_envs, device=self.device)
-        env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
-        n = len(env_ids)
-        qpos = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * self.start_qpos_noise
+    def random_start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos, qvel) of `n` new episodes: the pole hanging down, uniform noise on both joints."""
+        qpos = self.uniform(n, 2, scale=self.start_qpos_noise)
         qpos[:, 1] -= math.pi
-        qvel = (torch.rand(n, 2, generator=self.generator) * 2 - 1) * self.start_qvel_noise
-        self.set_state(qpos, qvel, env_ids)
+        return qpos, self.uniform(n, 2, scale=self.start_qvel_noise)
 
     def set_state(self, qpos: torch.Tensor, qvel: torch.Tensor, env_ids: torch.Tensor | None = None):
         """Put `env_ids` (all if None) at ([x, theta], [xdot, thetadot]), episode step 0; cuts the gradient tape."""
@@ -181,33 +177,14 @@ class CartpoleTask(TaskImages):
             self.progress[env_ids] = 0
         self.cut_graph()
 
-    def cut_graph(self):
-        """Start a new gradient tape from the current state (SHAC's `initialize_trajectory`).
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def score_step(self, t: int, steps: int, alive: torch.Tensor) -> torch.Tensor:
+        """1 for each of the last 60 evaluation steps in which the pole is 0.3 rad or more from upright."""
+        return ((t >= steps - 60) & (self.pole_angle().abs() >= 0.3)).float()
 
-        Under torch.no_grad() nothing is taped, and Genesis's get_state/reset round trip crashes there: skip it.
-        After steps taken under no_grad the tape's token carries no grad and get_state() would raise: renew it first.
-        """
-        if self.requires_grad and torch.is_grad_enabled():
-            self.scene.sim.reset_grad()
-            self.scene.reset(self.scene.get_state())
-        self._read_state()
-
-    def backward(self, loss: torch.Tensor):
-        """Back-propagate `loss` through the simulated window; the scene stays at the window's end state, and the
-        state read afterwards starts a new tape."""
-        self.scene.backward(loss)
-        self._read_state()
-
-    def snapshot(self):
-        """Everything needed to put the batch back where it is (for evaluation in the training scene).
-        Take and restore it in grad mode: Genesis's get_state/reset round trip crashes under no_grad."""
-        return self.scene.get_state(), self.progress.clone()
-
-    def restore(self, snapshot):
-        state, progress = snapshot
-        self.scene.reset(state)
-        self.progress = progress.clone()
-        self._read_state()
+    def score(self, total: torch.Tensor, alive: torch.Tensor, steps: int) -> torch.Tensor:
+        """Success: the pole stayed within 0.3 rad of upright over the last 60 steps, and the cart on the track."""
+        return ((total == 0) & alive).float()
 
     # ----------------------------------------------------------------------------------------------- images
     def camera_pose(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Hopper, ant and humanoid on Genesis: batches of differentiable envs with a camera that follows each torso.
 
-The same API as `common.cartpole.CartpoleTask`, so the D.Va loop runs on them unchanged:
+The same API as `common.cartpole.CartpoleTask` (`common.tasks.Task`), so the D.Va loop runs on them unchanged:
 
-    task = make_task("hopper", num_envs, device, image_size=(64, 64))
+    task = make_task("hopper", num_envs, device, image_size=(64, 64))   # common/tasks.py
     reward, terminated, truncated = task.step(actions)   # actions (N, act_dim) in [-1, 1], differentiable
     task.critic_obs(); task.render(); task.backward(loss); task.reset(ended_env_ids)
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from common.genesis_setup import check_camera_width, init_genesis, low_poly_visuals
-from common.task_images import TaskImages
+from common.tasks import Task
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -68,7 +68,7 @@ def humanoid_reward(h, up, heading, vx, actions):
     return vx + 0.1 * up + heading + height_reward(h - 0.84, -1.0, 0.1, 10.0) - 0.002 * (actions**2).sum(-1)
 
 
-class LocomotionTask(TaskImages):
+class LocomotionTask(Task):
     """The shared machinery: scene, floor, tracking camera, state reads, resets, tape handling.
 
     A subclass gives the model, the motors and their strengths, the start pose, the reward, the termination and the
@@ -90,6 +90,8 @@ class LocomotionTask(TaskImages):
     vel_obs_scale = 0.1
     heading_target = (1e4, 0.0)
     torch_view = dict(floor=True)  # the torch renderer's scene: our checker floor, sky and light are its defaults
+    episode_buffers = ("progress", "prev_actions")
+    score_name = "forward_velocity"
 
     @property
     def mjcf(self) -> Path:
@@ -210,30 +212,17 @@ class LocomotionTask(TaskImages):
         actions = actions.clamp(-1.0, 1.0).reshape(self.num_envs, self.act_dim)
         # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
         self.robot.control_dofs_force((actions * self.strength).to(self.float_dtype), self.motor_dofs)
-        self.scene.step()
+        self._simulate()
         self.progress += 1
         self._read_state()
         reward, fallen = self.reward_and_termination(actions)
         self.prev_actions = actions
-        blown_up = (~self.finite | self.rigid.get_error_envs_mask().to(self.device)
-                    | (self.qvel.detach().abs() > 1e4).any(-1))
+        blown_up = self.broken_envs() | (self.qvel.detach().abs() > 1e4).any(-1)
         terminated = fallen | blown_up
         truncated = (self.progress >= self.max_episode_length) & ~terminated
         return torch.where(blown_up, 0.0, reward), terminated, truncated
 
     # ----------------------------------------------------------------------------------------------- resets
-    def reset(self, env_ids: torch.Tensor | None = None):
-        """A random start state (`random_start`) for `env_ids` (all if None), then cut the gradient tape. Call only
-        between windows."""
-        if env_ids is None:
-            env_ids = torch.arange(self.num_envs, device=self.device)
-        env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
-        self.set_state(*self.random_start(len(env_ids)), env_ids)
-
-    def uniform(self, *shape: int, scale: float) -> torch.Tensor:
-        """Uniform noise in [-scale, scale] from the task's own generator (seeded, checkpointed)."""
-        return (torch.rand(*shape, generator=self.generator) * 2 - 1) * scale
-
     def random_start(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(qpos, qvel) of `n` new episodes: the start pose plus uniform noise on every coordinate (the hopper's)."""
         qpos = self.start_qpos.repeat(n, 1) + self.uniform(n, len(self.start_qpos), scale=self.start_qpos_noise)
@@ -251,29 +240,14 @@ class LocomotionTask(TaskImages):
             self.prev_actions[env_ids] = 0.0
         self.cut_graph()
 
-    def cut_graph(self):
-        """Start a new gradient tape from the current state (see CartpoleTask.cut_graph)."""
-        if self.requires_grad and torch.is_grad_enabled():
-            self.scene.sim.reset_grad()
-            self.scene.reset(self.scene.get_state())
-        self.prev_actions = self.prev_actions.detach()
-        self._read_state()
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def score_step(self, t: int, steps: int, alive: torch.Tensor) -> torch.Tensor:
+        """The torso's forward velocity while the env is alive (a robot that falls stops walking, not the clock)."""
+        return torch.where(alive, self.forward_velocity(), 0.0)
 
-    def backward(self, loss: torch.Tensor):
-        """Back-propagate `loss` through the window; the scene stays at the window's end state."""
-        self.scene.backward(loss)
-        self.prev_actions = self.prev_actions.detach()
-        self._read_state()
-
-    def snapshot(self):
-        """Everything needed to put the batch back where it is. Take and restore it in grad mode."""
-        return self.scene.get_state(), self.progress.clone(), self.prev_actions.detach().clone()
-
-    def restore(self, snapshot):
-        state, progress, prev_actions = snapshot
-        self.scene.reset(state)
-        self.progress, self.prev_actions = progress.clone(), prev_actions.clone()
-        self._read_state()
+    def score(self, total: torch.Tensor, alive: torch.Tensor, steps: int) -> torch.Tensor:
+        """Forward velocity: the distance walked over the evaluation's full duration (m/s)."""
+        return total / steps
 
     # ----------------------------------------------------------------------------------------------- images
     def camera_pose(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,11 +345,3 @@ class HumanoidTask(AntTask):
     def start_pose(self):
         return np.concatenate([[0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0], np.zeros(21)])
 
-
-TASKS = {"hopper": HopperTask, "ant": AntTask, "humanoid": HumanoidTask}
-
-
-def make_task(name: str, num_envs: int, device: torch.device, **kwargs) -> LocomotionTask:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[name](num_envs, device, **kwargs)

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -108,6 +109,37 @@ def apply_saved_args(args, saved: dict, explicit: set[str], shape_args: tuple[st
         if key in fields and key not in ("resume", "eval_only") and (key in shape_args or key not in explicit):
             setattr(args, key, value)
     return args
+
+
+def load_checkpoint(args, args_class, shape_args: tuple[str, ...]) -> dict | None:
+    """For --resume and --eval-only: read the checkpoint and continue with the settings it was saved with
+    (`apply_saved_args`, with the flags given on this command line kept). A missing or unreadable file ends the
+    process with one line. Returns the checkpoint, or None when neither flag is given."""
+    path = args.resume or args.eval_only
+    if not path:
+        return None
+    if not Path(path).is_file():
+        sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], args_class), shape_args)
+    except Exception as error:  # a truncated or foreign file
+        sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    return checkpoint
+
+
+def range_problems(args, at_least_one=(), non_negative=(), positive=(), unit=()) -> list[str]:
+    """One message per numeric flag outside its meaningful range: `at_least_one` (counts, and every width of a
+    tuple) >= 1, `non_negative` >= 0, `positive` (learning rates, clips) > 0, `unit` (discounts, lambdas, fractions,
+    Adam betas) in [0, 1]. NaN fails every test."""
+    problems = []
+    for names, ok, rule in ((at_least_one, lambda x: x >= 1, ">= 1"), (non_negative, lambda x: x >= 0, ">= 0"),
+                            (positive, lambda x: x > 0, "> 0"), (unit, lambda x: 0 <= x <= 1, "in [0, 1]")):
+        for name in names:
+            value = getattr(args, name)
+            if not all(ok(x) for x in (value if isinstance(value, tuple) else (value,))):
+                problems.append(f"--{name.replace('_', '-')} must be {rule} (got {value})")
+    return problems
 
 
 def rng_state() -> dict:

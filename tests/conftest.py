@@ -18,7 +18,7 @@ def task():
 
 
 def _locomotion(name):
-    from common.locomotion import make_task
+    from common.tasks import make_task
 
     return make_task(name, 2, torch.device("cpu"), image_size=(64, 64), seed=0)
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.locomotion import LocomotionTask  # noqa: E402
+from common.tasks import SimulationBlowUp  # noqa: E402
 
 END_CALL, ABORT_CALL = 6, 8
 real_step = LocomotionTask.step
@@ -28,7 +29,7 @@ def step(self, actions):
     if calls == ABORT_CALL:
         self.finite = self.finite.clone()
         self.finite[0] = False
-        raise RuntimeError("Simulation became unstable, causing 'nan' in the state (injected by fault_window_run.py)")
+        raise SimulationBlowUp("Simulation became unstable, causing 'nan' in the state (injected)")
     if calls == ABORT_CALL + 1:
         seen["progress_after_abort"] = self.progress.tolist()
     reward, terminated, truncated = real_step(self, actions)

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.locomotion import make_task  # noqa: E402
+from common.tasks import make_task  # noqa: E402
 from test_locomotion_task import ant_on_its_feet, check_gradient, humanoid_in_the_air  # noqa: E402
 
 ant = make_task("ant", 2, torch.device("cpu"), image_size=None, precision="64")

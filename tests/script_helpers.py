@@ -1,5 +1,6 @@
 """Helpers for the tests that run a training script as a user does: in a subprocess, reading its TensorBoard log."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,15 @@ def failed_cleanly(out, cwd):
     assert out.returncode != 0
     assert not (cwd / "runs").exists()
     return out.stderr.strip().splitlines()
+
+
+def assert_choice_refused(out, cwd, flag, value):
+    """tyro refused a value outside a `Literal` flag's choices (exit 2, before anything was built), naming the flag,
+    the value and the choices."""
+    failed_cleanly(out, cwd)
+    message = " ".join(re.sub(r"[\u2500-\u257f]", " ", out.stderr).split())  # without the box drawing
+    assert out.returncode == 2 and f"invalid choice '{value}' for argument '{flag}'" in message, message
+    assert "Expected one of" in message, message
 
 
 def assert_one_clear_error(out, cwd, words):

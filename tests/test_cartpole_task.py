@@ -46,6 +46,20 @@ def test_step_reward_termination_and_time_limit(task):
     assert (wrap_angle(task.qpos[:, 1]).abs() > math.pi - math.pi / 12 - 1e-4).all()  # starts hanging down
 
 
+def test_evaluation_score_is_success_over_the_last_60_steps(task):
+    """task.score_step / task.score, the success every script's evaluation reports: 1 for an env whose pole stays
+    within 0.3 rad of upright over the last 60 of 240 steps and that is still alive at the end."""
+    steps = task.max_episode_length
+    # env 0 upright, env 1 at 0.35 rad, env 2 at -0.25 rad, env 3 upright but ended earlier (not alive)
+    task.set_state(torch.tensor([[0.0, 0.0], [0.0, 0.35], [0.0, -0.25], [0.0, 0.0]]), torch.zeros(4, 2))
+    alive = torch.tensor([True, True, True, False])
+    assert task.score_step(steps - 61, steps, alive).tolist() == [0, 0, 0, 0]  # before the last 60: not counted
+    per_step = task.score_step(steps - 60, steps, alive)
+    assert per_step.tolist() == [0, 1, 0, 0]  # the 0.35 rad pole misses one of the last 60 steps
+    assert task.score(60 * per_step, alive, steps).tolist() == [1, 0, 1, 0]
+    assert task.score_name == "success"
+
+
 def test_camera_sees_the_cart_move(task):
     """The blue cart's pixel centroid moves right with x, and the images carry no gradient."""
     task.set_state(torch.tensor([[-1.5, 0.0], [0.0, 0.0], [1.5, 0.0], [0.0, -math.pi]]), torch.zeros(4, 2))

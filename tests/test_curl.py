@@ -232,7 +232,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
     (["--image-size", "14"], "--image-size"),
-    (["--task", "walker"], "--task"),
+    (["--alpha-lr", "-1"], "--alpha-lr must be > 0"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
@@ -240,8 +240,8 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (dict(device="tpu"), "--device"),
-    (dict(renderer="opengl"), "--renderer"),
+    (dict(encoder_tau=1.5), "--encoder-tau must be in [0, 1]"),
+    (dict(gamma=float("nan")), "--gamma must be in [0, 1]"),
     (dict(batch_size=1), "--batch-size"),
     (dict(image_width=70, crop_margin=0), "multiple of 4"),
     (dict(num_envs=16, buffer_size=64), "--buffer-size"),

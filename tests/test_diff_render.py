@@ -17,14 +17,14 @@ TASKS = ["task", "hopper", "ant_192", "humanoid_192"]  # "task" is the cart-pole
 # a polygon mesh (Genesis) and the exact shape (ours) is a large part of the mask: compare them at 192 px.
 @pytest.fixture(scope="module")
 def ant_192():
-    from common.locomotion import make_task
+    from common.tasks import make_task
 
     return make_task("ant", 1, torch.device("cpu"), image_size=(192, 192), seed=0)
 
 
 @pytest.fixture(scope="module")
 def humanoid_192():
-    from common.locomotion import make_task
+    from common.tasks import make_task
 
     return make_task("humanoid", 1, torch.device("cpu"), image_size=(192, 192), seed=0)
 

@@ -225,8 +225,8 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
     (["--image-size", "12"], "--image-size"),
-    (["--task", "walker"], "--task"),
-    (["--device", "tpu"], "--device"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--critic-tau", "2"], "--critic-tau must be in [0, 1]"),
     (["--buffer-size", "10"], "--buffer-size"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
     (["--eval-only", "missing.pt"], "--eval-only"),

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 from dva_cartpole import linear_lr
-from script_helpers import assert_one_clear_error, failed_cleanly, run_script, scalars
+from script_helpers import assert_choice_refused, assert_one_clear_error, failed_cleanly, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
@@ -115,7 +115,14 @@ def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
     (["--num-envs", "0"], "--num-envs"),
     (["--horizon", "0"], "--horizon"),
     (["--image-size", "7"], "--image-size"),
-    (["--device", "tpu"], "--device"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--lam", "-0.1"], "--lam must be in [0, 1]"),
+    (["--actor-lr", "-1e-3"], "--actor-lr must be > 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
+    (["--betas", "0.9", "1.5"], "--betas must be in [0, 1]"),
+    (["--critic-minibatches", "0"], "--critic-minibatches must be >= 1"),
+    (["--actor-hidden", "64", "0"], "--actor-hidden must be >= 1"),
+    (["--max-minutes", "-5"], "--max-minutes must be >= 0"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
     (["--eval-only", "missing.pt"], "--eval-only"),
     # Genesis's Rasterizer aborts the process on widths that are not a multiple of 4: refused up front
@@ -123,6 +130,11 @@ def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
+
+
+@pytest.mark.parametrize("flag, value", [("--device", "tpu"), ("--renderer", "opengl"), ("--obs", "depth")])
+def test_a_bad_choice_is_refused_by_tyro(tmp_path, flag, value):
+    assert_choice_refused(run([flag, value], tmp_path, timeout=120), tmp_path, flag, value)
 
 
 def test_state_shac_learns_swing_up(tmp_path):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from common.locomotion import make_task, quat_rotate
+from common.locomotion import quat_rotate
+from common.tasks import make_task
 
 
 def yaw_quat(angle):
@@ -75,6 +76,18 @@ def test_humanoid_reward_and_termination_by_hand(humanoid):
     assert torch.allclose(reward, expected, atol=1e-4)
     assert fallen.tolist() == [False, True]
     assert humanoid.critic_obs().shape == (2, 76)
+
+
+def test_evaluation_score_is_the_forward_velocity_while_alive(hopper):
+    """task.score_step / task.score: the torso's x velocity summed while alive, over the whole evaluation's steps
+    (a robot that falls stops walking, not the clock)."""
+    hopper.reset()
+    hopper.qvel = torch.tensor([[1.5] + [0.0] * 5, [2.0] + [0.0] * 5])  # as _read_state leaves it: vx first
+    alive = torch.tensor([True, False])
+    assert hopper.score_step(0, 100, alive).tolist() == [1.5, 0.0]
+    assert hopper.score(torch.tensor([150.0, 50.0]), alive, 100).tolist() == [1.5, 0.5]
+    assert hopper.score_name == "forward_velocity"
+    hopper.reset()
 
 
 def test_step_time_limit_and_blow_up(hopper):

@@ -1,0 +1,185 @@
+"""The four tasks behind one call, and what every task shares.
+
+    task = make_task("hopper", num_envs, device, image_size=(64, 64), renderer="rasterizer", seed=1)
+    reward, terminated, truncated = task.step(actions)   # actions (N, act_dim) in [-1, 1], differentiable
+    task.critic_obs(); task.render(); task.backward(loss); task.reset(ended_env_ids)
+
+`Task` holds what the cart-pole (`common/cartpole.py`) and the locomotion tasks (`common/locomotion.py`) do the same
+way: the gradient tape (cut, backward, snapshot, restore), resets, rendering with any of the three renderers, the
+detection of envs that blew up, and the evaluation score. A simulation that blows up inside Genesis reaches the
+scripts as one exception type, `SimulationBlowUp`, and `broken_envs()` says which envs to restart.
+"""
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+TaskName = Literal["cartpole", "hopper", "ant", "humanoid"]
+TASK_NAMES: tuple[str, ...] = TaskName.__args__
+
+
+def make_task(name: str, num_envs: int, device: torch.device, image_size: tuple[int, int] | None = (84, 84),
+              renderer: str = "rasterizer", seed: int = 0, requires_grad: bool = True, precision: str = "32"):
+    """Build task `name` with `num_envs` envs in one Genesis scene on `device`.
+
+    image_size: (height, width) of the camera, or None for no camera; renderer: "rasterizer" or "batch" (Genesis's)
+    or "torch" (common/diff_render.py); requires_grad=False builds no gradient tape (faster; resets at any step).
+    Only the chosen task's module is imported, so a script copied with the cart-pole's files needs no other task.
+    """
+    if name == "cartpole":
+        from common.cartpole import CartpoleTask as task_class
+    elif name in TASK_NAMES:
+        from common import locomotion
+
+        task_class = {"hopper": locomotion.HopperTask, "ant": locomotion.AntTask,
+                      "humanoid": locomotion.HumanoidTask}[name]
+    else:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASK_NAMES)}")
+    return task_class(num_envs, device, image_size=image_size, renderer=renderer, requires_grad=requires_grad,
+                      seed=seed, precision=precision)
+
+
+class SimulationBlowUp(RuntimeError):
+    """Genesis stopped a step or a backward pass because an env's state or gradient became NaN. The scene keeps its
+    last state; `Task.broken_envs()` says which envs to restart."""
+
+
+def _is_nan_error(error: Exception) -> bool:
+    # Genesis raises a generic exception whose text names the NaN ("... causing 'nan'", "Nan grad in qpos ...").
+    return "nan" in str(error).lower()
+
+
+class Task:
+    """The machinery both task families share. A subclass builds `scene`, `robot`, `rigid`, `camera` (or None),
+    `ray_caster` (or None) and `progress` in its `__init__`, and provides `_read_state`, `random_start`,
+    `set_state`, `step`, `critic_obs` and `camera_pose`. Per-env episode buffers that a snapshot must restore and a
+    tape cut must detach are named in `episode_buffers`.
+    """
+
+    name: str
+    act_dim: int
+    critic_obs_dim: int
+    max_episode_length: int
+    mjcf: object  # the model's path (the torch renderer reads its shapes)
+    camera_fov: float
+    torch_view: dict  # the TorchRenderer options that draw this task's Genesis scene: floor, background, light
+    episode_buffers: tuple[str, ...] = ("progress",)
+    score_name: str  # the evaluation's second number: charts/eval_<score_name>
+
+    # ----------------------------------------------------------------------------------------------- simulation
+    def _simulate(self):
+        """One `scene.step()`; Genesis's NaN stop becomes `SimulationBlowUp`."""
+        try:
+            self.scene.step()
+        except Exception as error:
+            if _is_nan_error(error):
+                raise SimulationBlowUp(str(error)) from error
+            raise
+
+    def broken_envs(self) -> torch.Tensor:
+        """(N,) bool: envs whose state is non-finite or that Genesis's solver flagged (a blow-up freezes the state,
+        so it need not show as a NaN)."""
+        return ~self.finite | self.rigid.get_error_envs_mask().to(self.device)
+
+    # ----------------------------------------------------------------------------------------------- tape
+    def cut_graph(self):
+        """Start a new gradient tape from the current state (SHAC's `initialize_trajectory`).
+
+        Under torch.no_grad() nothing is taped, and Genesis's get_state/reset round trip crashes there: skip it.
+        After steps taken under no_grad the tape's token carries no grad and get_state() would raise: renew it first.
+        """
+        if self.requires_grad and torch.is_grad_enabled():
+            self.scene.sim.reset_grad()
+            self.scene.reset(self.scene.get_state())
+        self._detach_buffers()
+        self._read_state()
+
+    def backward(self, loss: torch.Tensor):
+        """Back-propagate `loss` through the simulated window; the scene stays at the window's end state, and the
+        state read afterwards starts a new tape. Genesis's NaN-gradient stop becomes `SimulationBlowUp`."""
+        try:
+            self.scene.backward(loss)
+        except Exception as error:
+            if _is_nan_error(error):
+                raise SimulationBlowUp(str(error)) from error
+            raise
+        self._detach_buffers()
+        self._read_state()
+
+    def _detach_buffers(self):
+        for name in self.episode_buffers:
+            setattr(self, name, getattr(self, name).detach())
+
+    def snapshot(self):
+        """Everything needed to put the batch back where it is (for evaluation in the training scene).
+        Take and restore it in grad mode: Genesis's get_state/reset round trip crashes under no_grad."""
+        return self.scene.get_state(), {name: getattr(self, name).detach().clone() for name in self.episode_buffers}
+
+    def restore(self, snapshot):
+        state, buffers = snapshot
+        self.scene.reset(state)
+        for name, value in buffers.items():
+            setattr(self, name, value.clone())
+        self._read_state()
+
+    # ----------------------------------------------------------------------------------------------- resets
+    def reset(self, env_ids: torch.Tensor | None = None):
+        """A random start state (`random_start`) for `env_ids` (all if None), then cut the gradient tape. Call only
+        between windows: a reset inside a taped window breaks Genesis's gradient."""
+        if env_ids is None:
+            env_ids = torch.arange(self.num_envs, device=self.device)
+        env_ids = torch.as_tensor(env_ids, device=self.device).reshape(-1)
+        self.set_state(*self.random_start(len(env_ids)), env_ids)
+
+    def uniform(self, *shape: int, scale: float) -> torch.Tensor:
+        """Uniform noise in [-scale, scale] from the task's own generator (seeded, checkpointed)."""
+        return (torch.rand(*shape, generator=self.generator) * 2 - 1) * scale
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def score_step(self, t: int, steps: int, alive: torch.Tensor) -> torch.Tensor:
+        """Per env, this evaluation step's share of the score (summed over the evaluation by the caller);
+        `alive`: the envs not ended before this step."""
+        raise NotImplementedError
+
+    def score(self, total: torch.Tensor, alive: torch.Tensor, steps: int) -> torch.Tensor:
+        """Per env, the evaluation's score from the summed `score_step`s and the envs still alive at the end."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- images
+    def link_poses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (N, L, 3) and quaternions (N, L, 4, wxyz) of all the scene's links: differentiable in grad
+        mode (the torch renderer's input), plain reads under torch.no_grad()."""
+        if self.requires_grad and torch.is_grad_enabled():
+            state = self.rigid.get_state()
+            return state.links_pos, state.links_quat
+        return self.rigid.get_links_pos(), self.rigid.get_links_quat()
+
+    def torch_renderer(self, image_size: tuple[int, int] | None = None, **kwargs):
+        """A `common.diff_render.TorchRenderer` of this task's bodies, seen from its camera (the Genesis view)."""
+        from common.diff_render import TorchRenderer, body_link_rows
+
+        if self.image_size is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        return TorchRenderer(self.mjcf, body_link_rows(self.mjcf, self.robot), image_size or self.image_size,
+                             self.camera_fov, self.device, **{**self.torch_view, **kwargs})
+
+    def _place_cameras(self):
+        """Move the Genesis camera before a render (a fixed camera: nothing to do)."""
+
+    @torch.no_grad()
+    def render(self) -> torch.Tensor:
+        """One RGB image per env from the task's camera (`camera_pose()`): (N, H, W, 3) uint8 on the task's device."""
+        if self.image_size is None:
+            raise RuntimeError("this task was built without a camera (image_size=None)")
+        if self.ray_caster is not None:  # renderer="torch"
+            return (255 * self.ray_caster.render(*self.link_poses(), *self.camera_pose())).round().to(torch.uint8)
+        self._place_cameras()
+        # force_render: Genesis caches frames by tape step, and a reset under no_grad (evaluation) keeps the step,
+        # so a cached frame could show the state from before the reset. We render once per step anyway.
+        rgb = self.camera.render(rgb=True, force_render=True)[0]
+        # one env comes back as a flipped (negative-stride) view, without the batch axis
+        rgb = torch.as_tensor(np.ascontiguousarray(rgb) if not torch.is_tensor(rgb) else rgb, device=self.device)
+        if rgb.dim() == 3:
+            rgb = rgb.unsqueeze(0)
+        return rgb[..., :3].to(torch.uint8)
