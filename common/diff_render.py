@@ -4,7 +4,7 @@ Genesis's cameras are not differentiable. SHAC with differentiable rendering (`s
 d image / d state, so this module draws the same geometry as the task's Genesis camera, from the differentiable link
 poses, in plain torch (CPU or CUDA, batched over envs and pixels). The D.Va scripts can use it too
 (`--renderer torch`, no gradient): a ray caster, faster than Genesis's CPU rasterizer for the hopper, slower for
-the cart-pole's boxes and the humanoid's 19 shapes (README).
+the cart-pole's boxes and the humanoid's 19 shapes (docs/results.md).
 
 How a pixel is drawn. Every pixel casts one ray. For every shape the ray gets, in closed form (boxes: a short
 golden-section search):

@@ -77,7 +77,7 @@ def init_genesis(device: torch.device, precision: str = "32"):
 
 class low_poly_visuals:
     """Context manager: MJCF capsules and spheres loaded inside it get visual meshes of 160 and 80 faces instead of
-    trimesh's defaults (4096 and 1280), which make a CPU render several times slower (GENESIS.md section 4).
+    trimesh's defaults (4096 and 1280), which make a CPU render several times slower (docs/genesis.md).
     Genesis builds collision meshes of spheres and capsules with explicit sizes, which this leaves alone (our models
     have no cylinders, whose collision mesh would be coarser too)."""
 
