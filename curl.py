@@ -466,23 +466,6 @@ class CurlSacAgent:
 
 
 # ---------------------------------------------------------------------------------------------------------- episodes
-def step_with_repeat(task, actions: torch.Tensor, repeat: int):
-    """`repeat` sim steps with the same actions. Returns (reward summed while alive (N,), sim steps alive (N,),
-    ended (N,), terminated (N,)): an env that ends at a sub-step keeps being stepped, but what follows is ignored."""
-    n = task.num_envs
-    reward_sum = torch.zeros(n, device=task.device)
-    steps = torch.zeros(n, dtype=torch.long, device=task.device)
-    alive = torch.ones(n, dtype=torch.bool, device=task.device)
-    terminal = torch.zeros_like(alive)
-    for _ in range(repeat):
-        reward, terminated, truncated = task.step(actions)
-        reward_sum += torch.where(alive, reward, 0.0)
-        steps += alive.long()
-        terminal |= alive & terminated
-        alive &= ~(terminated | truncated)
-    return reward_sum, steps, ~alive, terminal
-
-
 @torch.no_grad()
 def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False):
     """One episode per env from task.reset() with the mean action on centre crops, at the training action repeat.
@@ -620,7 +603,7 @@ if __name__ == "__main__":
                     action = torch.rand(args.num_envs, task.act_dim, device=device) * 2 - 1
                 else:
                     action = agent.act(center_crop(frames.frames, image_size))
-                reward, steps, ended, terminal = step_with_repeat(task, action, args.action_repeat)
+                reward, terminal, ended, steps = task.repeat_step(action, args.action_repeat)
                 buffer.add_action(action, reward, terminal)
                 image = task.render()
                 frames.push(image)

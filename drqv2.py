@@ -402,24 +402,6 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
         tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
-def repeat_step(task, actions: torch.Tensor, repeat: int):
-    """Hold `actions` for `repeat` simulation steps. An env that ends at a step stops counting there (it keeps being
-    simulated with the batch and is reset by the caller). Returns the agent reward (sum of the sim-step rewards),
-    terminated, ended (terminated or time limit) and the sim steps each env lived, all (N,)."""
-    n = task.num_envs
-    reward = torch.zeros(n, device=task.device)
-    terminated = torch.zeros(n, dtype=torch.bool, device=task.device)
-    ended, steps = torch.zeros_like(terminated), torch.zeros(n, dtype=torch.long, device=task.device)
-    for _ in range(repeat):
-        r, term, trunc = task.step(actions)
-        live = ~ended
-        reward += torch.where(live, r, 0.0)
-        steps += live.long()
-        terminated |= live & term
-        ended |= live & (term | trunc)
-    return reward, terminated, ended, steps
-
-
 @torch.no_grad()
 def evaluate(task, encoder, actor, args: Args, capture_video: bool = False):
     """One episode per env from task.reset() with the mean action (held for action_repeat sim steps), on D.Va's
@@ -573,7 +555,7 @@ if __name__ == "__main__":
                 else:
                     actions = act(encoder, actor, frames.frames, std)
                 start = time.perf_counter()
-                reward, terminated, ended, lived = repeat_step(task, actions, args.action_repeat)
+                reward, terminated, ended, lived = task.repeat_step(actions, args.action_repeat)
                 image = task.render()
                 env_s = time.perf_counter() - start
                 buffer.add_transitions(actions, reward, terminated, ended)

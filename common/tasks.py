@@ -136,6 +136,23 @@ class Task:
         """Uniform noise in [-scale, scale] from the task's own generator (seeded, checkpointed)."""
         return (torch.rand(*shape, generator=self.generator) * 2 - 1) * scale
 
+    @torch.no_grad()
+    def repeat_step(self, actions: torch.Tensor, repeat: int):
+        """Hold `actions` for `repeat` steps (the pixel baselines' action repeat). An env that ends at a step stops
+        counting there: it keeps being simulated with the batch, and the caller resets it. Returns the reward summed
+        while alive, terminated, ended (terminated or time limit) and the steps each env lived, each (N,)."""
+        reward = torch.zeros(self.num_envs, device=self.device)
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        ended, steps = torch.zeros_like(terminated), torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        for _ in range(repeat):
+            r, term, trunc = self.step(actions)
+            live = ~ended
+            reward += torch.where(live, r, 0.0)
+            steps += live.long()
+            terminated |= live & term
+            ended |= live & (term | trunc)
+        return reward, terminated, ended, steps
+
     # ----------------------------------------------------------------------------------------------- evaluation
     def score_step(self, t: int, steps: int, alive: torch.Tensor) -> torch.Tensor:
         """Per env, this evaluation step's share of the score (summed over the evaluation by the caller);

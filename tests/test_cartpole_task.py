@@ -60,6 +60,24 @@ def test_evaluation_score_is_success_over_the_last_60_steps(task):
     assert task.score_name == "success"
 
 
+def test_repeat_step_counts_each_env_until_it_ends(task):
+    """Task.repeat_step (the pixel baselines' action repeat): rewards summed while alive, an env that ends at a sub-step
+    stops counting there. Env 1 leaves the track at the first sub-step, env 2 reaches its time limit there."""
+    qpos, qvel = torch.tensor([[0.0, 0.3], [2.6, 0.0], [0.0, -math.pi], [1.0, 0.0]]), torch.zeros(4, 2)
+    actions = torch.tensor([[0.2], [0.0], [-0.5], [1.0]])
+    with torch.no_grad():  # the same two steps by hand
+        task.set_state(qpos, qvel)
+        task.progress[2] = task.max_episode_length - 1
+        (r1, term1, trunc1), (r2, _, _) = task.step(actions), task.step(actions)
+        task.set_state(qpos, qvel)
+        task.progress[2] = task.max_episode_length - 1
+        reward, terminated, ended, steps = task.repeat_step(actions, 2)
+    assert terminated.tolist() == [False, True, False, False] and ended.tolist() == [False, True, True, False]
+    assert steps.tolist() == [2, 1, 1, 2]
+    assert torch.allclose(reward, r1 + torch.where(term1 | trunc1, 0.0, r2))
+    task.reset()
+
+
 def test_camera_sees_the_cart_move(task):
     """The blue cart's pixel centroid moves right with x, and the images carry no gradient."""
     task.set_state(torch.tensor([[-1.5, 0.0], [0.0, 0.0], [1.5, 0.0], [0.0, -math.pi]]), torch.zeros(4, 2))
