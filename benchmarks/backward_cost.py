@@ -44,6 +44,12 @@ class BenchArgs:
     """methods to measure"""
     iters: int = 3
     """timed iterations per (task, method), after one warm-up"""
+    num_envs: int = 0
+    """override the config's number of envs (0: keep)"""
+    image_size: int = 0
+    """override the config's image size (0: keep; cart-pole's width is twice its height at the cpu config)"""
+    horizon: int = 0
+    """override the horizon (0: the config's: each task's D.Va horizon at cpu, 32 at paper)"""
     device: str = "auto"
     """auto | cpu | cuda"""
     out: str = "results"
@@ -85,10 +91,12 @@ def measure(task_name: str, method: str, bench: BenchArgs) -> dict:
 
     device = resolve_device(bench.device)
     cfg = CONFIGS[bench.config]
-    size = (32, 64) if task_name == "cartpole" and bench.config == "cpu" else (cfg["image_size"],) * 2
-    dva, args, task = dva_setup(task_name, cfg["num_envs"], size, device, build_task=method == "dva")
+    height = bench.image_size or (32 if task_name == "cartpole" and bench.config == "cpu" else cfg["image_size"])
+    size = (height, 2 * height) if task_name == "cartpole" and bench.config == "cpu" else (height, height)
+    dva, args, task = dva_setup(task_name, bench.num_envs or cfg["num_envs"], size, device, build_task=method == "dva")
     if bench.config == "paper":
         args.horizon = 32
+    args.horizon = bench.horizon or args.horizon
     import shac_diffrender as sd
 
     if method == "dva":
@@ -177,7 +185,8 @@ if __name__ == "__main__":
     for task_name in bench.tasks:
         for method in bench.methods:
             cmd = [sys.executable, __file__, "--config", bench.config, "--iters", str(bench.iters), "--device",
-                   bench.device, "--one", f"{task_name}:{method}"]
+                   bench.device, "--num-envs", str(bench.num_envs), "--image-size", str(bench.image_size),
+                   "--horizon", str(bench.horizon), "--one", f"{task_name}:{method}"]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

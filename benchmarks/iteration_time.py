@@ -61,13 +61,21 @@ class BenchArgs:
     """folder for the JSON"""
 
 
+def sync():
+    """Wait for queued CUDA work, so that a timer measures it (CUDA kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, timer, key, inputs=None):
     """Wrap `fn` so that its seconds add up in timer[key] (and its calls in timer[key + "_calls"])."""
     def wrapper(*args, **kwargs):
         if inputs is not None:
             inputs.append(args[0])
+        sync()
         start = time.perf_counter()
         out = fn(*args, **kwargs)
+        sync()
         timer[key] += time.perf_counter() - start
         timer[key + "_calls"] += 1
         return out
@@ -105,6 +113,9 @@ if __name__ == "__main__":
     frames.reset(task.render())
     rows = []
     for it in range(2 + bench.iters):
+        if it == 2 and device.type == "cuda":  # peak memory of the timed iterations
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         timer.clear()
         stacked.clear()
         episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
@@ -117,11 +128,13 @@ if __name__ == "__main__":
         task.backward(loss)
         torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
         actor_opt.step()
+        sync()
         timer["backward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         obs_rms.update(states[valid])
         targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
         update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+        sync()
         timer["critic_s"] = time.perf_counter() - t0
         ended = episode["ended"].nonzero().flatten()
         task.reset(ended)
@@ -145,6 +158,11 @@ if __name__ == "__main__":
             rows.append(row)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     mean["sim_backward_s"] = mean["backward_s"] - mean["encoder_actor_backward_s"]
+    if device.type == "cuda":
+        # torch's own peak, and the whole device's use (torch, Genesis's fields, the renderer, the CUDA context)
+        mean["torch_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        mean["device_used_gpu_mb"] = (total - free) / 2**20
     result = {"task": bench.task, "config": name, "num_envs": args.num_envs, "horizon": args.horizon,
               "image": [args.image_size, args.image_width], "device": str(device), "renderer": renderer,
               "torch_threads": torch.get_num_threads(), "iters": bench.iters, "mean": mean}

@@ -145,7 +145,7 @@ class CartpoleTask(Task):
 
         Returns (reward, terminated, truncated), each (N,). `reward` is differentiable w.r.t. the actions.
         """
-        force = actions.clamp(-1.0, 1.0).reshape(self.num_envs, 1) * self.force_limit
+        force = actions.to(self.device).clamp(-1.0, 1.0).reshape(self.num_envs, 1) * self.force_limit
         # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
         self.robot.control_dofs_force(force.to(self.float_dtype), self.motor_dofs)
         self._simulate()
@@ -171,9 +171,9 @@ class CartpoleTask(Task):
             env_ids = torch.arange(self.num_envs, device=self.device)
         if len(env_ids) > 0:
             with torch.no_grad():
-                self.robot.set_dofs_position(qpos.to(self.float_dtype), self.dofs, envs_idx=env_ids,
+                self.robot.set_dofs_position(qpos.to(self.device, self.float_dtype), self.dofs, envs_idx=env_ids,
                                              zero_velocity=False)
-                self.robot.set_dofs_velocity(qvel.to(self.float_dtype), self.dofs, envs_idx=env_ids)
+                self.robot.set_dofs_velocity(qvel.to(self.device, self.float_dtype), self.dofs, envs_idx=env_ids)
             self.progress[env_ids] = 0
         self.cut_graph()
 

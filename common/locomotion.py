@@ -209,7 +209,7 @@ class LocomotionTask(Task):
 
         Returns (reward, terminated, truncated), each (N,). `reward` is differentiable w.r.t. the actions.
         """
-        actions = actions.clamp(-1.0, 1.0).reshape(self.num_envs, self.act_dim)
+        actions = actions.to(self.device).clamp(-1.0, 1.0).reshape(self.num_envs, self.act_dim)
         # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
         self.robot.control_dofs_force((actions * self.strength).to(self.float_dtype), self.motor_dofs)
         self._simulate()

@@ -1,5 +1,9 @@
-"""One Genesis scene per task for the whole session: building one costs 10-40 s (kernels are cached on disk)."""
+"""One Genesis scene per task for the whole session: building one costs 10-40 s (kernels are cached on disk).
 
+The scenes are built on the CPU, or on the device named by DVA_TEST_DEVICE: benchmarks/gpu_check.py runs the
+gradient tests on CUDA that way, with no camera (those tests render nothing)."""
+
+import os
 import sys
 from pathlib import Path
 
@@ -8,19 +12,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DEVICE = torch.device(os.environ.get("DVA_TEST_DEVICE", "cpu"))
+CAMERAS = DEVICE.type == "cpu"
 
 
 @pytest.fixture(scope="session")
 def task():
     from common.cartpole import CartpoleTask
 
-    return CartpoleTask(4, torch.device("cpu"), image_size=(32, 64), seed=0)
+    return CartpoleTask(4, DEVICE, image_size=(32, 64) if CAMERAS else None, seed=0)
 
 
 def _locomotion(name):
     from common.tasks import make_task
 
-    return make_task(name, 2, torch.device("cpu"), image_size=(64, 64), seed=0)
+    return make_task(name, 2, DEVICE, image_size=(64, 64) if CAMERAS else None, seed=0)
 
 
 @pytest.fixture(scope="session")

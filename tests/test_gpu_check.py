@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.py, the one command that checks the CUDA path, run on the CPU at its smallest sizes: the same
+code paths (Rasterizer instead of the BatchRenderer), so that the script works the day a GPU is there."""
+
+import json
+import subprocess
+import sys
+
+from script_helpers import ROOT
+
+
+def test_gpu_check_runs_its_parts_on_the_cpu(tmp_path):
+    """The per-task parts on the hopper (its tracking camera is the harder render check) and the learning run; the
+    gradient part runs two tests that the suite runs anyway, so it is left out here."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--tasks", "hopper",
+                           "--parts", "render", "iteration", "backward", "learn", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())
+    rows = {(r["part"], r.get("task")): r for r in report["rows"]}
+    assert set(rows) == {("render", "hopper"), ("iteration", "hopper"), ("backward", "hopper"), ("learn", None)}
+    failed = [r for r in report["rows"] if not r["passed"]]
+    assert not failed and proc.returncode == 0, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
+    render = rows[("render", "hopper")]
+    assert render["renderer"] == "rasterizer" and render["min_iou"] >= 0.9 and render["max_centroid_offset"] <= 0.15
+    assert rows[("iteration", "hopper")]["iteration_s"] > 0
+    backward = rows[("backward", "hopper")]
+    assert backward["dva"]["backward_s"] > 0 and backward["diffrender_store"]["backward_s"] > 0
+    assert rows[("learn", None)]["eval_return"] is not None
+    assert "| render | hopper | yes |" in proc.stdout  # the printed table
+
+
+def test_gpu_check_refuses_an_unknown_part(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--parts", "rendering",
+                           "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "rendering" in lines[0] and lines[0].startswith("error:")
