@@ -70,7 +70,10 @@ def init_genesis(device: torch.device, precision: str = "32"):
             raise RuntimeError(f"Genesis already runs with {_STARTED_ON}; cannot switch to {wanted} in one process")
         return gs
     gs.init(backend=gs.cuda if device.type == "cuda" else gs.cpu, precision=precision, logging_level="warning")
-    disable_msaa()
+    try:
+        disable_msaa()
+    except (ImportError, OSError, AttributeError):  # no OpenGL here: only the Rasterizer needs it, and it will say so
+        pass
     _STARTED_ON = wanted
     return gs
 
