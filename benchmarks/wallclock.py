@@ -1,12 +1,14 @@
-"""The paper's Fig. 4 on this machine: eval return vs wall-clock minutes on visual cart-pole for D.Va, DrQ-v2, CURL
-and S2V-DAgger, each run as a user runs it, one after another, for the same budget and seeds.
+"""The paper's Fig. 4 on this machine: eval return vs wall-clock minutes on visual cart-pole for D.Va, DrQ-v2, CURL,
+S2V-DAgger and DreamerV3, each run as a user runs it, one after another, for the same budget and seeds.
 
-    python benchmarks/wallclock.py                                   # all four, 30 minutes each, seed 1
+    python benchmarks/wallclock.py                                   # all five, 30 minutes each, seed 1
     python benchmarks/wallclock.py --minutes 15 --methods dva drqv2  # a subset, a shorter budget
     python benchmarks/wallclock.py --plot-only                       # re-read the runs already made and re-plot
 
 Every method gets the CPU configuration of visual cart-pole (16 envs, 32 x 64 px, 3 frames; D.Va with H = 16, as in
-the README's run command) and `--max-minutes`; S2V-DAgger's minutes include stage 1 (its state expert). A run's
+the README's run command; DreamerV3 has no frame stack, its RSSM carries the history, and its train ratio, not the
+env count, sets its updates per agent step) and `--max-minutes`; S2V-DAgger's minutes include stage 1 (its state
+expert), DreamerV3's its prefill and pretraining (the reference's 2500 random agent steps, then 100 updates). A run's
 curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since the script started, evaluations
 included). The table gives the minutes to the threshold: 90 % of state SHAC's eval return (--reference-return,
 docs/results.md), measured at the evaluations.
@@ -31,14 +33,16 @@ METHODS = {
     "drqv2": ("drqv2.py", ["--eval-every", "200"]),
     "curl": ("curl.py", ["--eval-every", "100"]),
     "s2v_dagger": ("s2v_dagger.py", ["--eval-every", "50", "--expert-envs", "32"]),
+    "dreamerv3": ("dreamerv3.py", ["--eval-every", "2"]),  # 8 updates (measured 50 s) per iteration; evaluations
+    # wait for the first update (157 iterations of prefill, then 100 pretraining updates, about 11 minutes)
 }
-LABELS = {"dva": "D.Va", "drqv2": "DrQ-v2", "curl": "CURL", "s2v_dagger": "S2V-DAgger"}
+LABELS = {"dva": "D.Va", "drqv2": "DrQ-v2", "curl": "CURL", "s2v_dagger": "S2V-DAgger", "dreamerv3": "DreamerV3"}
 
 
 @dataclass
 class BenchArgs:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """methods to run: dva, drqv2, curl, s2v_dagger"""
+    """methods to run: dva, drqv2, curl, s2v_dagger, dreamerv3"""
     minutes: float = 30.0
     """wall-clock budget per run"""
     seeds: list[int] = field(default_factory=lambda: [1])
