@@ -8,6 +8,7 @@ and the terminal value. The critic sees the simulator state (privileged, trainin
     python dva_cartpole.py                      # the paper's settings: 64 envs, H = 32, 84 x 84 px, 3 frames
     python dva_cartpole.py --obs state          # the same loop on the state: plain SHAC (reference and expert)
     python dva_cartpole.py --num-envs 16 --image-size 32 --image-width 64 --horizon 16   # a 2-core CPU (README)
+    torchrun --nproc-per-node 4 dva_cartpole.py --num-envs 64   # 4 GPUs x 16 envs, gradients averaged (docs/method.md)
 """
 
 import os
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import tyro
 
+from common import distributed
 from common.encoder import Encoder
 from common.utils import FrameStack, load_checkpoint, range_problems
 
@@ -42,7 +44,7 @@ class Args:
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
     num_envs: int = 64
-    """number of parallel envs"""
+    """number of parallel envs (under torchrun: of all ranks together, split evenly)"""
     horizon: int = 32
     """short horizon H: simulation steps per actor update"""
     max_iters: int = 0
@@ -103,7 +105,7 @@ SHAPE_ARGS = ("obs", "image_size", "image_width", "frame_stack", "actor_hidden",
 """Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
 
 
-def finalize_args(args: Args) -> Args:
+def finalize_args(args: Args, world_size: int = 1) -> Args:
     """Fill the paper's defaults that depend on --obs and reject bad input before anything is built."""
     pixels = args.obs == "pixels"
     args.max_iters = args.max_iters or (4000 if pixels else 500)
@@ -115,6 +117,9 @@ def finalize_args(args: Args) -> Args:
                             "critic_minibatches", "log_every", "save_every"),
         non_negative=("max_minutes", "min_lr", "critic_iterations", "eval_every", "torch_threads"),
         positive=("actor_lr", "critic_lr", "max_grad_norm"), unit=("betas", "gamma", "lam", "target_alpha"))
+    if args.num_envs % world_size:
+        problems.append(f"--num-envs {args.num_envs} must be divisible by the number of ranks, {world_size}: "
+                        f"every rank simulates num_envs / world_size envs")
     if pixels and min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
@@ -215,6 +220,26 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
     return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
 
 
+def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float) -> tuple[float, bool]:
+    """Back-propagate the window's loss through the simulator (not through the images), clip, step the actor.
+
+    A non-finite loss or gradient skips the step and cuts the tape. Under torchrun the ranks' gradients are averaged
+    before the clip, so every rank takes the same step; a non-finite loss on any rank makes every rank skip.
+    Returns (pre-clip gradient norm, skipped)."""
+    actor_opt.zero_grad()
+    if distributed.all_ranks(torch.isfinite(actor_loss)):
+        task.backward(actor_loss)
+        distributed.average_gradients(actor)  # [distributed] the global batch's gradient; a NaN anywhere spreads
+        grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
+    else:
+        grad_norm = torch.tensor(float("nan"))
+    if torch.isfinite(grad_norm):
+        actor_opt.step()
+    else:  # a non-finite loss or gradient skips the update; the envs that blew up are reset at the boundary
+        task.cut_graph()
+    return grad_norm.item(), not torch.isfinite(grad_norm).item()
+
+
 def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
     """TD(lambda) returns over a window (H, N), vectorised over envs, as in SHAC; dones[H-1] must be 1.
 
@@ -238,16 +263,19 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
     Every minibatch holds at least one sample: with fewer samples than minibatches each sample is its own minibatch
     (an empty one would give a NaN loss, and Adam would still step on its momentum). Returns the last minibatch's
     loss; with no sample at all, no update and a loss of 0 (so the logged loss stays finite)."""
-    if len(states) == 0:  # no finite data in this window: nothing to learn from
+    most = distributed.max_over_ranks(len(states))  # [distributed] every rank takes as many minibatch steps
+    if most == 0:  # no finite data in this window: nothing to learn from
         return 0.0
     states = obs_rms.normalize(states)
     loss = torch.zeros(())
     for _ in range(args.critic_iterations):
         perm = torch.randperm(len(states), device=states.device)
-        for idx in torch.tensor_split(perm, min(args.critic_minibatches, len(states))):
-            loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+        for idx in torch.tensor_split(perm, min(args.critic_minibatches, most)):
             critic_opt.zero_grad()
-            loss.backward()
+            if len(idx) > 0:  # (only under torchrun can a rank's minibatch be empty: it then adds nothing)
+                loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+                loss.backward()
+            distributed.average_gradients(critic, weight=len(idx))  # [distributed] the mean over all ranks' samples
             nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             critic_opt.step()
     return loss.item()
@@ -257,6 +285,17 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
 def soft_update(target: nn.Module, source: nn.Module, alpha: float):
     for tp, sp in zip(target.parameters(), source.parameters()):
         tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+
+
+def train_critic(critic, target_critic, critic_opt, obs_rms, window, args) -> float:
+    """The critic's part of an iteration, on the window's data: the normaliser, TD(lambda) targets, the regression
+    and the target critic. Under torchrun the normaliser merges every rank's states; the data stays per rank."""
+    states, rewards, next_values, dones, valid = window
+    distributed.update_normaliser(obs_rms, states[valid])  # one process: obs_rms.update(states[valid])
+    targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
+    critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+    soft_update(target_critic, critic, args.target_alpha)
+    return critic_loss
 
 
 def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
@@ -300,10 +339,12 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    # [distributed] under torchrun: join the ranks, one GPU each, before Genesis or CUDA starts; else (0, 1)
+    rank, world_size = distributed.setup(args.device)
     try:
-        args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on --obs follow them
+        args = finalize_args(args, world_size)  # after the checkpoint's settings: the defaults follow them
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        distributed.exit_with_error(f"error: {error}")
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -316,19 +357,20 @@ if __name__ == "__main__":
         device = resolve_device(args.device)
         renderer = resolve_renderer(args.renderer, device, args.image_width)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        distributed.exit_with_error(f"error: {error}")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    seed_everything(args.seed)
+    seed_everything(args.seed + rank)  # [distributed] every rank its own noise, critic minibatches and start states
     pixels = args.obs == "pixels"
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_width)
-    task = make_task("cartpole", args.num_envs, device, renderer=renderer, seed=args.seed,
+    task = make_task("cartpole", args.num_envs // world_size, device, renderer=renderer, seed=args.seed + rank,
                      image_size=image_size if (pixels or args.capture_video or args.eval_only) else None)
     obs_shape = (3 * args.frame_stack, *image_size) if pixels else (task.critic_obs_dim,)
     actor = Actor(obs_shape, task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
+    distributed.broadcast_from_rank0(actor, critic)  # [distributed] every rank starts from rank 0's networks
     target_critic = deepcopy(critic).requires_grad_(False)
     obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
@@ -340,12 +382,14 @@ if __name__ == "__main__":
                                 (obs_rms, "obs_rms")):
                 module.load_state_dict(checkpoint[key])
         except (RuntimeError, KeyError) as error:
-            sys.exit(f"error: the checkpoint does not fit this script's networks: {error}")
+            distributed.exit_with_error(f"error: the checkpoint does not fit this script's networks: {error}")
 
-    if args.eval_only:
-        ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=True)
+    if args.eval_only:  # [distributed] every rank evaluates its envs; rank 0 records its env 0
+        ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=rank == 0)
+        ret, success = distributed.mean(ret, success)
         out = Path(args.eval_only).with_name("eval_only.mp4")
-        write_video(clip, out)
+        if rank == 0:
+            write_video(clip, out)
         print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, success {success:.2f}; video: {out}")
         sys.exit(0)
 
@@ -353,28 +397,32 @@ if __name__ == "__main__":
         actor_opt.load_state_dict(checkpoint["actor_opt"])
         critic_opt.load_state_dict(checkpoint["critic_opt"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        if rank == 0:  # [distributed] the checkpoint holds rank 0's random streams; the others keep seed + rank
+            set_rng_state(checkpoint["rng"])
+            task.generator.set_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir)) if rank == 0 else distributed.NullWriter()  # [distributed] rank 0 logs
     writer.add_text("hyperparameters", hparams_table(args))
-    print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}")
+    ranks = f", {world_size} ranks x {task.num_envs} envs" if world_size > 1 else ""
+    print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}{ranks}")
 
     def save(iteration: int):
+        if rank > 0:  # [distributed] rank 0 alone writes the checkpoint
+            return
         save_checkpoint(run_dir / "checkpoint.pt", {
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.generator.get_state(), "args": vars(args), "world_size": world_size,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
     frames = FrameStack(args.frame_stack)
     if pixels:
         frames.reset(task.render())
-    episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
+    episode = {k: torch.zeros(task.num_envs, dtype=dt, device=device)
                for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
     # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
@@ -390,31 +438,18 @@ if __name__ == "__main__":
 
             # Rollout: H differentiable steps and the actor loss.
             start = time.perf_counter()
-            actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
-                task, actor, target_critic, obs_rms, frames, args, episode)
+            actor_loss, window, render_s = rollout_window(task, actor, target_critic, obs_rms, frames, args, episode)
             forward_s = time.perf_counter() - start - render_s
 
             # Actor update: back-propagate through rewards, critic, dynamics and actions (not through images).
             start = time.perf_counter()
-            actor_opt.zero_grad()
-            if torch.isfinite(actor_loss):
-                task.backward(actor_loss)
-                grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-            else:
-                grad_norm = torch.tensor(float("nan"))
-            if torch.isfinite(grad_norm):
-                actor_opt.step()
-            else:  # a non-finite loss or gradient skips the update; the envs that blew up are reset below
-                nan_skips += 1
-                task.cut_graph()
+            grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
+            nan_skips += skipped
             backward_s = time.perf_counter() - start
 
             # Critic update on the window's states with TD(lambda) targets.
             start = time.perf_counter()
-            obs_rms.update(states[valid])
-            targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
-            critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
-            soft_update(target_critic, critic, args.target_alpha)
+            critic_loss = train_critic(critic, target_critic, critic_opt, obs_rms, window, args)
             critic_s = time.perf_counter() - start
 
             # Bookkeeping and the resets of ended envs, at the window boundary.
@@ -434,7 +469,7 @@ if __name__ == "__main__":
             elapsed = time.time() - start_time
             sps = int((iteration - start_iter + 1) * args.num_envs * args.horizon / elapsed)
             for tag, value in (("losses/actor_loss", actor_loss.item()), ("losses/critic_loss", critic_loss),
-                               ("grads/actor_grad_norm", grad_norm.item()), ("charts/SPS", sps),
+                               ("grads/actor_grad_norm", grad_norm), ("charts/SPS", sps),
                                ("charts/learning_rate", actor_opt.param_groups[0]["lr"]),
                                ("charts/nan_skips", nan_skips),
                                ("charts/wall_minutes", elapsed / 60),
@@ -442,10 +477,13 @@ if __name__ == "__main__":
                                ("time/backward_s", backward_s), ("time/critic_s", critic_s),
                                ("time/iteration_s", iteration_s)):
                 writer.add_scalar(tag, value, global_step)
-            out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
+            # [distributed] the ranks agree on stopping (rank 0's clock alone could leave the others waiting)
+            out_of_time = args.max_minutes > 0 and distributed.any_rank(elapsed > args.max_minutes * 60)
             last = iteration == args.max_iters or out_of_time
             if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
-                ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=args.capture_video)
+                record = args.capture_video and rank == 0  # [distributed] rank 0 records its env 0
+                ret, success, clip = evaluate(task, actor, obs_rms, args, capture_video=record)
+                ret, success = distributed.mean(ret, success)  # [distributed] over every rank's envs
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar("charts/eval_success", success, global_step)
                 print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
@@ -458,6 +496,7 @@ if __name__ == "__main__":
                 print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
                       f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min", flush=True)
             if iteration % args.save_every == 0:
+                distributed.check_in_sync(actor, critic, target_critic, obs_rms)  # [distributed] debug: no drift
                 save(iteration)
             if out_of_time:
                 print(f"stopping: --max-minutes {args.max_minutes} reached")

@@ -7,6 +7,7 @@ differentiable dynamics -> rewards and the terminal value; the critic sees the s
 
     python dva_locomotion.py --task humanoid --num-envs 64     # the paper's settings (a GPU machine)
     python dva_locomotion.py --task hopper --obs state          # the same loop on the state: plain SHAC
+    torchrun --nproc-per-node 8 dva_locomotion.py --task humanoid --num-envs 64   # 8 GPUs x 8 envs (docs/method.md)
 
 Humanoid sometimes makes Genesis's backward pass raise "Nan grad": such a window is undone and skipped
 (`charts/nan_skips`), never fatal.
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import tyro
 
+from common import distributed
 from common.encoder import Encoder
 from common.tasks import SimulationBlowUp
 from common.utils import FrameStack, load_checkpoint, range_problems
@@ -47,7 +49,8 @@ class Args:
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
     num_envs: int | None = None
-    """number of parallel envs (default: 64; 256 for hopper with --obs state, as SHAC)"""
+    """number of parallel envs (default: 64; 256 for hopper with --obs state, as SHAC); under torchrun: of all ranks
+    together, split evenly"""
     horizon: int | None = None
     """short horizon H: simulation steps per actor update (default: 32; ant 16, see docs/results.md)"""
     max_iters: int | None = None
@@ -119,7 +122,7 @@ SHAPE_ARGS = ("task", "obs", "image_size", "frame_stack", "actor_hidden", "criti
 """Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
 
 
-def finalize_args(args: Args) -> Args:
+def finalize_args(args: Args, world_size: int = 1) -> Args:
     """Fill the task's defaults and reject bad input before anything is built."""
     pixels = args.obs == "pixels"
     for key, value in TASK_DEFAULTS[args.task].items():
@@ -133,6 +136,9 @@ def finalize_args(args: Args) -> Args:
                             "critic_hidden", "critic_minibatches", "log_every", "save_every"),
         non_negative=("max_minutes", "min_lr", "critic_iterations", "eval_every", "torch_threads"),
         positive=("actor_lr", "critic_lr", "max_grad_norm"), unit=("betas", "gamma", "lam", "target_alpha"))
+    if args.num_envs % world_size:
+        problems.append(f"--num-envs {args.num_envs} must be divisible by the number of ranks, {world_size}: "
+                        f"every rank simulates num_envs / world_size envs")
     if pixels and args.image_size < 15:
         problems.append(f"--image-size must be >= 15 px for the encoder (got {args.image_size})")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
@@ -238,19 +244,25 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
     A non-finite loss, a non-finite gradient, or Genesis's NaN stop in its backward pass (`SimulationBlowUp`; humanoid,
     now and then) skips the update: the simulator is put back to the window's end state (saved before the backward
     pass), the tape is cut, and the caller resets the envs that blew up. Returns (pre-clip gradient norm, skipped).
+    Under torchrun the ranks' gradients are averaged before the clip, so every rank takes the same step; a skip on
+    any rank is a skip on all.
     """
     actor_opt.zero_grad()
-    if not torch.isfinite(actor_loss):
+    if not distributed.all_ranks(torch.isfinite(actor_loss)):  # [distributed] a bad loss on any rank: all skip
         task.cut_graph()
         return float("nan"), True
     snapshot = task.snapshot()
     try:
         task.backward(actor_loss)
+        blew_up = False
     except SimulationBlowUp:
         task.restore(snapshot)
         task.cut_graph()
+        blew_up = True
+    if not distributed.all_ranks(not blew_up):  # [distributed] Genesis's NaN stop on any rank: all skip
         actor_opt.zero_grad()
         return float("nan"), True
+    distributed.average_gradients(actor)  # [distributed] the global batch's gradient; a NaN anywhere spreads
     grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm).item()
     if not np.isfinite(grad_norm):
         actor_opt.zero_grad()
@@ -311,16 +323,19 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
     Every minibatch holds at least one sample: with fewer samples than minibatches each sample is its own minibatch
     (an empty one would give a NaN loss, and Adam would still step on its momentum). Returns the last minibatch's
     loss; with no sample at all, no update and a loss of 0 (so the logged loss stays finite)."""
-    if len(states) == 0:  # no finite data in this window: nothing to learn from
+    most = distributed.max_over_ranks(len(states))  # [distributed] every rank takes as many minibatch steps
+    if most == 0:  # no finite data in this window: nothing to learn from
         return 0.0
     states = obs_rms.normalize(states)
     loss = torch.zeros(())
     for _ in range(args.critic_iterations):
         perm = torch.randperm(len(states), device=states.device)
-        for idx in torch.tensor_split(perm, min(args.critic_minibatches, len(states))):
-            loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+        for idx in torch.tensor_split(perm, min(args.critic_minibatches, most)):
             critic_opt.zero_grad()
-            loss.backward()
+            if len(idx) > 0:  # (only under torchrun can a rank's minibatch be empty: it then adds nothing)
+                loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+                loss.backward()
+            distributed.average_gradients(critic, weight=len(idx))  # [distributed] the mean over all ranks' samples
             nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             critic_opt.step()
     return loss.item()
@@ -375,10 +390,12 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 if __name__ == "__main__":
     args = tyro.cli(Args)
     checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    # [distributed] under torchrun: join the ranks, one GPU each, before Genesis or CUDA starts; else (0, 1)
+    rank, world_size = distributed.setup(args.device)
     try:
-        args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
+        args = finalize_args(args, world_size)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        distributed.exit_with_error(f"error: {error}")
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -391,19 +408,20 @@ if __name__ == "__main__":
         device = resolve_device(args.device)
         renderer = resolve_renderer(args.renderer, device, args.image_size)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        distributed.exit_with_error(f"error: {error}")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
-    seed_everything(args.seed)
+    seed_everything(args.seed + rank)  # [distributed] every rank its own noise, critic minibatches and start states
     pixels = args.obs == "pixels"
 
     # ------------------------------------------------------------------------------------------------ set-up
     image_size = (args.image_size, args.image_size)
-    task = make_task(args.task, args.num_envs, device, renderer=renderer, seed=args.seed,
+    task = make_task(args.task, args.num_envs // world_size, device, renderer=renderer, seed=args.seed + rank,
                      image_size=image_size if (pixels or args.capture_video or args.eval_only) else None)
     obs_shape = (3 * args.frame_stack, *image_size) if pixels else (task.critic_obs_dim,)
     actor = Actor(obs_shape, task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
+    distributed.broadcast_from_rank0(actor, critic)  # [distributed] every rank starts from rank 0's networks
     target_critic = deepcopy(critic).requires_grad_(False)
     obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, betas=args.betas)
@@ -415,12 +433,14 @@ if __name__ == "__main__":
                                 (obs_rms, "obs_rms")):
                 module.load_state_dict(checkpoint[key])
         except (RuntimeError, KeyError) as error:
-            sys.exit(f"error: the checkpoint does not fit this script's networks: {error}")
+            distributed.exit_with_error(f"error: the checkpoint does not fit this script's networks: {error}")
 
-    if args.eval_only:
-        ret, speed, clip = evaluate(task, actor, obs_rms, args, capture_video=True)
+    if args.eval_only:  # [distributed] every rank evaluates its envs; rank 0 records its env 0
+        ret, speed, clip = evaluate(task, actor, obs_rms, args, capture_video=rank == 0)
+        ret, speed = distributed.mean(ret, speed)
         out = Path(args.eval_only).with_name("eval_only.mp4")
-        write_video(clip, out)
+        if rank == 0:
+            write_video(clip, out)
         print(f"eval over {args.num_envs} episodes: mean return {ret:.1f}, forward velocity {speed:.2f} m/s; "
               f"video: {out}")
         sys.exit(0)
@@ -429,29 +449,33 @@ if __name__ == "__main__":
         actor_opt.load_state_dict(checkpoint["actor_opt"])
         critic_opt.load_state_dict(checkpoint["critic_opt"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
-        set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        if rank == 0:  # [distributed] the checkpoint holds rank 0's random streams; the others keep seed + rank
+            set_rng_state(checkpoint["rng"])
+            task.generator.set_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir)) if rank == 0 else distributed.NullWriter()  # [distributed] rank 0 logs
     writer.add_text("hyperparameters", hparams_table(args))
+    ranks = f" ({world_size} ranks x {task.num_envs})" if world_size > 1 else ""
     print(f"run folder: {run_dir}  (tensorboard --logdir runs)  task {args.task}, obs {args.obs}, "
-          f"{args.num_envs} envs, device {device}, renderer {renderer}")
+          f"{args.num_envs} envs{ranks}, device {device}, renderer {renderer}")
 
     def save(iteration: int):
+        if rank > 0:  # [distributed] rank 0 alone writes the checkpoint
+            return
         save_checkpoint(run_dir / "checkpoint.pt", {
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.generator.get_state(), "args": vars(args), "world_size": world_size,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
     frames = FrameStack(args.frame_stack)
     if pixels:
         frames.reset(task.render())
-    episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
+    episode = {k: torch.zeros(task.num_envs, dtype=dt, device=device)
                for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
 
@@ -479,9 +503,14 @@ if __name__ == "__main__":
             try:
                 actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
                     task, actor, target_critic, obs_rms, frames, args, episode)
+                aborted = False
             except SimulationBlowUp:  # Genesis stopped the window: an env blew up
+                aborted = True
+            if not distributed.all_ranks(not aborted):  # [distributed] aborted on any rank: every rank skips it
                 nan_skips += 1
-                log_episodes(reset_broken_envs(task, episode, frames if pixels else None)[1])
+                stack = frames if pixels else None
+                boundary = reset_broken_envs(task, episode, stack) if aborted else window_boundary(task, episode, stack)
+                log_episodes(boundary[1])
                 print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
                 continue
             forward_s = time.perf_counter() - start - render_s
@@ -498,7 +527,7 @@ if __name__ == "__main__":
             # Critic update on the window's states with TD(lambda) targets (finite data only).
             start = time.perf_counter()
             valid &= torch.isfinite(states).all(-1) & torch.isfinite(rewards) & torch.isfinite(next_values)
-            obs_rms.update(states[valid])
+            distributed.update_normaliser(obs_rms, states[valid])  # one process: obs_rms.update(states[valid])
             targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
             valid &= torch.isfinite(targets)
             critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
@@ -520,10 +549,13 @@ if __name__ == "__main__":
                                ("time/backward_s", backward_s), ("time/critic_s", critic_s),
                                ("time/iteration_s", iteration_s)):
                 writer.add_scalar(tag, value, global_step)
-            out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
+            # [distributed] the ranks agree on stopping (rank 0's clock alone could leave the others waiting)
+            out_of_time = args.max_minutes > 0 and distributed.any_rank(elapsed > args.max_minutes * 60)
             last = iteration == args.max_iters or out_of_time
             if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
-                ret, speed, clip = evaluate(task, actor, obs_rms, args, capture_video=args.capture_video)
+                record = args.capture_video and rank == 0  # [distributed] rank 0 records its env 0
+                ret, speed, clip = evaluate(task, actor, obs_rms, args, capture_video=record)
+                ret, speed = distributed.mean(ret, speed)  # [distributed] over every rank's envs
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar("charts/eval_forward_velocity", speed, global_step)
                 print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
@@ -536,6 +568,7 @@ if __name__ == "__main__":
                 print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
                       f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min", flush=True)
             if iteration % args.save_every == 0:
+                distributed.check_in_sync(actor, critic, target_critic, obs_rms)  # [distributed] debug: no drift
                 save(iteration)
             if out_of_time:
                 print(f"stopping: --max-minutes {args.max_minutes} reached")
