@@ -155,13 +155,7 @@ def update_normaliser(rms, x: torch.Tensor):
         return
     batch_mean = (sums[1:] / count).view_as(rms.mean)
     batch_var = (_all_reduce(((x - batch_mean) ** 2).sum(0)) / count).to(rms.var)
-    batch_mean, batch_count = batch_mean.to(rms.mean), count.item()
-    delta = batch_mean - rms.mean
-    total = rms.count + batch_count
-    rms.mean += delta * batch_count / total
-    m2 = rms.var * rms.count + batch_var * batch_count + delta**2 * rms.count * batch_count / total
-    rms.var.copy_(m2 / total)
-    rms.count.copy_(total)
+    rms.update_from_moments(batch_mean.to(rms.mean), batch_var, count.item())
 
 
 @torch.no_grad()

@@ -44,7 +44,11 @@ class RunningMeanStd(nn.Module):
         x = x.reshape(-1, *self.mean.shape).to(self.mean)
         if len(x) == 0:  # an empty batch (every env masked) must not turn the statistics into NaN
             return
-        batch_mean, batch_var, batch_count = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        self.update_from_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+
+    @torch.no_grad()
+    def update_from_moments(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, batch_count: float):
+        """Fold a batch, given by its mean, (population) variance and count, into the running statistics."""
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean += delta * batch_count / total
