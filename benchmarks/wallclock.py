@@ -4,6 +4,8 @@ S2V-DAgger and DreamerV3, each run as a user runs it, one after another, for the
     python benchmarks/wallclock.py                                   # all five, 30 minutes each, seed 1
     python benchmarks/wallclock.py --minutes 15 --methods dva drqv2  # a subset, a shorter budget
     python benchmarks/wallclock.py --plot-only                       # re-read the runs already made and re-plot
+    python benchmarks/wallclock.py --methods drqv2 curl s2v_dagger dreamerv3 dva \
+        --reuse dva=runs/cartpole__visual_ref__1__1796071727              # D.Va's curve from a finished run
 
 Every method gets the CPU configuration of visual cart-pole (16 envs, 32 x 64 px, 3 frames; D.Va with H = 16, as in
 the README's run command; DreamerV3 has no frame stack, its RSSM carries the history, and its train ratio, not the
@@ -50,17 +52,20 @@ class BenchArgs:
     reference_return: float = 1821.0
     """state SHAC's eval return on cart-pole (docs/results.md; 2169 with the earlier cart-pole model of the stored
     results/wallclock.json); the threshold is 90 % of it"""
+    reuse: list[str] = field(default_factory=list)
+    """METHOD=RUN_FOLDER pairs: take that finished run (the same configuration and budget, run as the benchmark's
+    command with another --exp-name, e.g. the README's D.Va command) instead of running the method again"""
     plot_only: bool = False
     """do not run anything: read the latest wallclock runs in runs/ and write the table and plot"""
     out: str = "results"
     """folder for the JSON and the plot"""
 
 
-def command(method: str, seed: int, minutes: float) -> list[str]:
+def command(method: str, seed: int, minutes: float, exp_name: str | None = None) -> list[str]:
     script, extra = METHODS[method]
     config = CPU_CONFIG[2:] if method == "dva" else CPU_CONFIG  # dva_cartpole.py has no --task
     return [sys.executable, str(ROOT / script), *config, *extra, "--seed", str(seed), "--max-minutes", str(minutes),
-            "--exp-name", f"wallclock_{method}"]
+            "--exp-name", exp_name or f"wallclock_{method}"]
 
 
 def latest_run(method: str, seed: int) -> Path | None:
@@ -89,10 +94,18 @@ if __name__ == "__main__":
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         sys.exit(f"error: unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+    reused = dict(pair.split("=", 1) if "=" in pair else (pair, "") for pair in args.reuse)
+    bad = [f"{m}={folder}" for m, folder in reused.items() if m not in args.methods or not (ROOT / folder).is_dir()]
+    if bad or (reused and len(args.seeds) > 1):
+        sys.exit(f"error: --reuse takes METHOD=RUN_FOLDER with a method of --methods, an existing folder and one seed "
+                 f"(got {bad or args.reuse} with seeds {args.seeds})")
     (ROOT / "logs").mkdir(exist_ok=True)
     if not args.plot_only:
         for seed in args.seeds:
             for method in args.methods:
+                if method in reused:
+                    print(f"{method} seed {seed}: reusing {reused[method]}")
+                    continue
                 cmd = command(method, seed, args.minutes)
                 log = ROOT / "logs" / f"wallclock_{method}_{seed}.log"
                 print(f"{method} seed {seed}: {' '.join(cmd[1:])}  (output: {log})", flush=True)
@@ -105,14 +118,15 @@ if __name__ == "__main__":
     results = {"minutes": args.minutes, "threshold": threshold, "runs": {}}
     for method in args.methods:
         for seed in args.seeds:
-            run_dir = latest_run(method, seed)
+            run_dir = ROOT / reused[method] if method in reused else latest_run(method, seed)
             if run_dir is None:
                 print(f"{method} seed {seed}: no run found in runs/")
                 continue
             curve = eval_curve(run_dir)
             results["runs"][f"{method}/{seed}"] = {
                 "run": run_dir.name, "curve": curve,
-                "command": " ".join(["python", METHODS[method][0], *command(method, seed, args.minutes)[2:]]),
+                "command": " ".join(["python", METHODS[method][0], *command(
+                    method, seed, args.minutes, run_dir.name.split("__")[1] if method in reused else None)[2:]]),
                 "minutes_to_threshold": minutes_to(curve, threshold),
                 "best_return": max((ret for _, ret, _ in curve), default=None)}
 
