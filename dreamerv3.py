@@ -19,22 +19,10 @@ space), `kl_balance_loss` (dynamics 0.5, representation 0.1, 1 nat free bits), t
 states), `lambda_returns`, `ReturnNorm` (EMA of the 5th and 95th percentiles), the critic's regulariser towards its EMA
 copy, Adam with the reference's learning rates, epsilons and clips, and its `prefill` (2500 agent steps of uniform
 actions) and `pretrain` (100 updates at once). Where the paper is silent this follows NM512/dreamerv3-torch (the code
-the authors vendored); it departs from it here:
-- One file, no config system, no torch.compile or mixed precision; the envs are one batched Genesis scene.
-- Replay: one ring of frames per env, each frame stored once (not episode files); a sampled sequence may run into the
-  env's next episode only where that episode's first frame is marked `is_first` (the reference concatenates episodes
-  the same way). A terminal frame is stored with `is_terminal` before the env restarts: Genesis without a tape resets
-  one env at any step, so no delayed reset is needed to keep it. The replay is not checkpointed (too big): after
-  --resume it is refilled with `--prefill` steps of the loaded policy, without another pretraining burst.
-- "Symlog inputs": the reference symlogs vector inputs; there are none here (images enter as x / 255 - 0.5, as in the
-  reference). Symlog and symexp transform the reward and critic targets.
-- Images need not be square: the conv stacks halve both sides until the smaller one is 4 px (the reference's minres).
-- The actor's entropy bonus is that of the policy that drew the imagined actions, on detached features (the reference
-  recomputes it on undetached ones: the same value, no gradient into the dynamics). The last imagined successor,
-  which the reference computes and drops, is not computed. The action reaches the task as drawn (the authors' dflex
-  wrapper applied another tanh).
-- Evaluation is D.Va's (`evaluate`): one episode per env with the mean action, on the training envs, every
-  --eval-every iterations once updates have begun (a long prefill is not evaluated over and over).
+the authors vendored); where it departs (docs/method.md says why): one file, no config system, torch.compile or mixed
+precision; the replay is a ring of frames per env that keeps every terminal frame, no delayed reset (a tape-free
+Genesis resets one env at any step), and is refilled after --resume instead of checkpointed; no vector inputs to
+symlog; non-square images; the entropy bonus on detached features; D.Va's evaluation (`evaluate`).
 """
 
 import math
