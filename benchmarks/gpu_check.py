@@ -1,6 +1,6 @@
 """The GPU path in one command: gradients, the BatchRenderer, iteration costs, backward cost and a short learning run.
 
-    python benchmarks/gpu_check.py                            # on a CUDA machine: every part, about 8 minutes
+    python benchmarks/gpu_check.py                            # on a CUDA machine: every part, about 10 minutes
     python benchmarks/gpu_check.py --parts grads render       # some parts (see PARTS)
     python benchmarks/gpu_check.py --device cpu --quick       # the same code paths on a CPU at the smallest sizes
 
@@ -17,6 +17,8 @@ Parts, most important first (a machine that is lent briefly reports the importan
              baseline's settings (its Table 10 envs and horizons), backward seconds and peak memory
   learn      visual D.Va cart-pole at the paper's settings for --learn-minutes; its last evaluation return must
              beat the return of a policy that does nothing
+  ranks      visual D.Va cart-pole, the same global batch (64 envs) as 1 process and as 2 torchrun ranks sharing the
+             device: seconds per iteration after the first (the median of the logged ones) and samples per second
 
 Every part runs in subprocesses (Genesis takes one device and precision per process, and a crash or a hang in one
 part cannot take the others down), under a time limit; a part that fails records its error and the rest still run.
@@ -38,7 +40,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("grads", "render", "iteration", "backward", "learn")
+PARTS = ("grads", "render", "iteration", "backward", "learn", "ranks")
 TASKS = ("cartpole", "hopper", "humanoid", "ant")  # the order of importance
 GRADIENT_TESTS = ["tests/test_cartpole_task.py::test_gradient_matches_finite_differences_with_a_termination",
                   "tests/test_locomotion_task.py::test_hopper_gradient_with_ground_contact"]
@@ -253,15 +255,44 @@ def part_learn(args: Args) -> list[dict]:
     return [row]
 
 
+def part_ranks(args: Args) -> list[dict]:
+    start = time.time()
+    num_envs, iters = (4, 6) if args.quick else (64, 40)
+    config = ["--device", args.device, "--num-envs", str(num_envs), "--max-iters", str(iters), "--eval-every", "0",
+              "--log-every", "2" if args.quick else "5", "--exp-name", "gpu_check_ranks"]
+    if args.quick:
+        config += ["--image-size", "16", "--image-width", "32", "--horizon", "4"]
+    row = {"part": "ranks", "passed": True, "seconds": 0.0, "num_envs": num_envs, "error": None}
+    for ranks in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
+            if ranks > 1 else [sys.executable]
+        code, output = run([*launcher, str(ROOT / "dva_cartpole.py"), *config, "--torch-threads", "1"], timeout=420,
+                           cwd=scratch(args), env={"OMP_NUM_THREADS": "1"})
+        times = [float(t) for t in re.findall(r"iter (?:[2-9]|\d\d+)/\d+ .* ([\d.]+) s/iter", output)]
+        if code != 0 or not times:
+            row.update(passed=False, error=f"{ranks} rank(s): " + last_error(output))
+            break
+        iteration_s = sorted(times)[len(times) // 2]
+        row[f"ranks_{ranks}"] = {"iteration_s": iteration_s, "sps": num_envs * (4 if args.quick else 32) / iteration_s}
+    if row["passed"]:
+        row["speedup_2_ranks"] = row["ranks_2"]["sps"] / row["ranks_1"]["sps"]
+    row["seconds"] = time.time() - start
+    return [row]
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| part | task | passed | seconds | figures |", "|---|---|---|---|---|"]
     keys = ("tests_passed", "min_iou", "max_centroid_offset", "iteration_s", "render_s", "encoder_actor_forward_s",
-            "sim_forward_s", "backward_s", "critic_s", "torch_peak_gpu_mb", "eval_return", "idle_return")
+            "sim_forward_s", "backward_s", "critic_s", "torch_peak_gpu_mb", "eval_return", "idle_return",
+            "speedup_2_ranks")
     for r in rows:
         figures = ", ".join(f"{k} {r[k]:.3g}" for k in keys if isinstance(r.get(k), (int, float)))
         for method in ("dva", "diffrender_store"):
             if method in r:
                 figures += f", {method} backward {r[method]['backward_s']:.3g} s / {r[method]['peak_mb']:.0f} MB"
+        for ranks in ("ranks_1", "ranks_2"):
+            if ranks in r:
+                figures += f", {ranks[-1]} rank(s) {r[ranks]['iteration_s']:.3g} s/iter, {r[ranks]['sps']:.0f} SPS"
         if r.get("error"):
             figures += f" | error: {r['error']}"
         lines.append(f"| {r['part']} | {r.get('task', '')} | {'yes' if r['passed'] else 'NO'} | "
