@@ -4,8 +4,7 @@ S2V-DAgger and DreamerV3, each run as a user runs it, one after another, for the
     python benchmarks/wallclock.py                                   # all five, 30 minutes each, seed 1
     python benchmarks/wallclock.py --minutes 15 --methods dva drqv2  # a subset, a shorter budget
     python benchmarks/wallclock.py --plot-only                       # re-read the runs already made and re-plot
-    python benchmarks/wallclock.py --methods drqv2 curl s2v_dagger dreamerv3 dva \
-        --reuse dva=runs/cartpole__visual_ref__1__1796071727              # D.Va's curve from a finished run
+    python benchmarks/wallclock.py --reuse dva=runs/RUN_FOLDER       # D.Va's curve: a run of the README's command
 
 Every method gets the CPU configuration of visual cart-pole (16 envs, 32 x 64 px, 3 frames; D.Va with H = 16, as in
 the README's run command; DreamerV3 has no frame stack, its RSSM carries the history, and its train ratio, not the
