@@ -257,11 +257,11 @@ def part_learn(args: Args) -> list[dict]:
 
 def part_ranks(args: Args) -> list[dict]:
     start = time.time()
-    num_envs, iters = (4, 6) if args.quick else (64, 40)
+    num_envs, iters, horizon = (4, 6, 4) if args.quick else (64, 40, 32)
     config = ["--device", args.device, "--num-envs", str(num_envs), "--max-iters", str(iters), "--eval-every", "0",
-              "--log-every", "2" if args.quick else "5", "--exp-name", "gpu_check_ranks"]
+              "--horizon", str(horizon), "--log-every", "2" if args.quick else "5", "--exp-name", "gpu_check_ranks"]
     if args.quick:
-        config += ["--image-size", "16", "--image-width", "32", "--horizon", "4"]
+        config += ["--image-size", "16", "--image-width", "32"]
     row = {"part": "ranks", "passed": True, "seconds": 0.0, "num_envs": num_envs, "error": None}
     for ranks in (1, 2):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] \
@@ -273,7 +273,7 @@ def part_ranks(args: Args) -> list[dict]:
             row.update(passed=False, error=f"{ranks} rank(s): " + last_error(output))
             break
         iteration_s = sorted(times)[len(times) // 2]
-        row[f"ranks_{ranks}"] = {"iteration_s": iteration_s, "sps": num_envs * (4 if args.quick else 32) / iteration_s}
+        row[f"ranks_{ranks}"] = {"iteration_s": iteration_s, "sps": num_envs * horizon / iteration_s}
     if row["passed"]:
         row["speedup_2_ranks"] = row["ranks_2"]["sps"] / row["ranks_1"]["sps"]
     row["seconds"] = time.time() - start

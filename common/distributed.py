@@ -95,24 +95,25 @@ def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return out.to(values.device)
 
 
+def _reduce_number(value: float, op) -> float:
+    """`value` reduced over ranks with `op` (MIN or MAX); the value itself in one process."""
+    if world_size() == 1:
+        return value
+    return _all_reduce(torch.tensor(float(value)), op).item()
+
+
 def all_ranks(flag) -> bool:
     """True on every rank if `flag` is true on every rank (e.g. "my loss is finite")."""
-    if world_size() == 1:
-        return bool(flag)
-    return bool(_all_reduce(torch.tensor(float(bool(flag))), dist.ReduceOp.MIN).item())
+    return bool(_reduce_number(float(bool(flag)), dist.ReduceOp.MIN))
 
 
 def any_rank(flag) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. "my clock says: out of time")."""
-    if world_size() == 1:
-        return bool(flag)
-    return bool(_all_reduce(torch.tensor(float(bool(flag))), dist.ReduceOp.MAX).item())
+    return bool(_reduce_number(float(bool(flag)), dist.ReduceOp.MAX))
 
 
 def max_over_ranks(value: int) -> int:
-    if world_size() == 1:
-        return value
-    return int(_all_reduce(torch.tensor(float(value)), dist.ReduceOp.MAX).item())
+    return int(_reduce_number(value, dist.ReduceOp.MAX))
 
 
 def mean(*values: float) -> tuple[float, ...]:
