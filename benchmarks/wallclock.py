@@ -49,8 +49,8 @@ class BenchArgs:
     seeds: list[int] = field(default_factory=lambda: [1])
     """seeds (one run per method and seed)"""
     reference_return: float = 1821.0
-    """state SHAC's eval return on cart-pole (docs/results.md; 2169 with the earlier cart-pole model of the stored
-    results/wallclock.json); the threshold is 90 % of it"""
+    """state SHAC's eval return on cart-pole (docs/results.md; 2169 with the earlier cart-pole model); the
+    threshold is 90 % of it"""
     reuse: list[str] = field(default_factory=list)
     """METHOD=RUN_FOLDER pairs: take that finished run (the same configuration and budget, run as the benchmark's
     command with another --exp-name, e.g. the README's D.Va command) instead of running the method again"""
