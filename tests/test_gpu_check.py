@@ -33,6 +33,17 @@ def test_gpu_check_runs_its_parts_on_the_cpu(tmp_path):
     assert "| render | hopper | yes |" in proc.stdout  # the printed table
 
 
+def test_gpu_check_cartpole_render_at_its_quick_size():
+    """The cart-pole's render check at the --quick size (the test above runs the hopper's): at too small a size its
+    rail falls between pixel centres and the two masks part at every edge."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--one",
+                           "render:cartpole"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    result = json.loads(line[-1][len("RESULT "):])
+    assert result["passed"] and result["renderer"] == "rasterizer", result
+
+
 def test_gpu_check_refuses_an_unknown_part(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--parts", "rendering",
                            "--out", str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
