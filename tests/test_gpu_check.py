@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+from benchmarks.gpu_check import result_line
 from script_helpers import ROOT
 
 
@@ -38,9 +39,8 @@ def test_gpu_check_cartpole_render_at_its_quick_size():
     rail falls between pixel centres and the two masks part at every edge."""
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick", "--one",
                            "render:cartpole"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    result = json.loads(line[-1][len("RESULT "):])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = result_line(proc.stdout)
     assert result["passed"] and result["renderer"] == "rasterizer", result
 
 
