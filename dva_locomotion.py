@@ -182,9 +182,15 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
+    """V(s): the MLP with SHAC's initialisation, every linear layer orthogonal with gain sqrt(2) and zero bias."""
+
     def __init__(self, obs_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         self.net = nn.Sequential(mlp(obs_dim, hidden), nn.Linear(hidden[-1], 1))
+        for layer in self.net.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.orthogonal_(layer.weight, gain=np.sqrt(2))
+                nn.init.zeros_(layer.bias)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)

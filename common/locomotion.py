@@ -19,6 +19,7 @@ source. One control step is 1/60 s (SHAC's), simulated in `substeps` Genesis sub
 """
 
 import math
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,27 @@ def quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bw, bx, by, bz = b.unbind(-1)
     return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
                         aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
+
+
+def quat_to_matrix(quat) -> np.ndarray:
+    """Rotation matrix of a unit quaternion in Genesis's (w, x, y, z) order."""
+    w, x, y, z = np.asarray(quat, dtype=float)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def dflex_inertias(mjcf: Path) -> dict[str, np.ndarray]:
+    """{body name: 3 x 3 inertia about its centre of mass, in the body's axes} from the model's
+    `<numeric name="dflex_inertia:BODY" data="Ixx Iyy Izz Ixy Ixz Iyz"/>` entries: the inertias dflex simulates,
+    which MuJoCo's compiler cannot hold (some break the triangle inequality A + B >= C; docs/tasks.md)."""
+    inertias = {}
+    for numeric in ET.parse(mjcf).getroot().iter("numeric"):
+        kind, _, body = numeric.attrib["name"].partition(":")
+        if kind == "dflex_inertia":
+            xx, yy, zz, xy, xz, yz = (float(v) for v in numeric.attrib["data"].split())
+            inertias[body] = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    return inertias
 
 
 def height_reward(d: torch.Tensor, low: float, high: float, coeff: float) -> torch.Tensor:
@@ -82,6 +104,7 @@ class LocomotionTask(Task):
     camera_offset: tuple[float, float, float]  # camera position relative to the torso (x, y) and the floor (z)
     camera_lookat_z: float
     camera_fov: float = 60.0
+    friction: float  # dflex's contact_mu, the friction of every robot-floor contact
     max_episode_length = 1000
     dt = 1.0 / 60.0
     substeps = 2
@@ -129,8 +152,9 @@ class LocomotionTask(Task):
             show_viewer=False,
         )
         # A checker floor (0.5 m checks, repeating every 1 m): its motion in the tracking camera's images is the
-        # policy's cue for speed.
-        self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)))
+        # policy's cue for speed. A contact takes the larger of its two geoms' frictions: the floor's equals the
+        # robot's, so every contact has dflex's (which uses the robot shape's alone).
+        self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)), material=gs.materials.Rigid(friction=self.friction))
         with low_poly_visuals():  # default primitive meshes have thousands of faces: 5-10x slower CPU renders
             self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSETS / self.asset)))
         self.camera = self.ray_caster = None
@@ -149,6 +173,11 @@ class LocomotionTask(Task):
             self.ray_caster = self.torch_renderer()
         self.q_slice = slice(self.robot.q_start, self.robot.q_end)
         self.dof_slice = slice(self.robot.dof_start, self.robot.dof_end)
+        # dflex's inertias in place of MuJoCo's (the same masses and centres of mass), in each link's inertial frame.
+        for body, inertia in dflex_inertias(self.mjcf).items():
+            link = self.robot.get_link(body)
+            rotation = quat_to_matrix(link.desc.inertial_quat)
+            link.set_inertia(rotation.T @ inertia @ rotation)
         self.torso = self.robot.get_link("torso").idx  # solver-global link index
         self.motor_dofs = [self.robot.get_joint(j).dofs_idx_local[0] for j in self.motor_joints]
         self.strength = torch.tensor(self.strengths, device=device)
@@ -269,6 +298,7 @@ class HopperTask(LocomotionTask):
     asset = "hopper.xml"
     motor_joints = ("thigh_joint", "leg_joint", "foot_joint")
     strengths = (200.0, 200.0, 200.0)
+    friction = 0.9
     camera_offset = (0.0, -2.2, 0.75)
     camera_lookat_z = 0.8
     critic_obs_dim = 11
@@ -289,6 +319,7 @@ class AntTask(LocomotionTask):
     asset = "ant.xml"
     motor_joints = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
     strengths = (200.0,) * 8
+    friction = 0.75
     camera_offset = (0.0, -3.0, 1.4)
     camera_lookat_z = 0.3
     critic_obs_dim = 37

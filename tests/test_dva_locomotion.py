@@ -179,3 +179,16 @@ def test_kill_saves_a_checkpoint(tmp_path):
     assert "interrupted: saving the checkpoint" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] >= 1
+
+
+def test_critic_has_shac_initialisation():
+    """SHAC's CriticMLP (DiffRL models/critic.py): every linear layer orthogonal with gain sqrt(2), zero bias.
+    PyTorch's default (uniform, non-zero bias) fails both checks."""
+    critic = dl.Critic(11, (64, 64))
+    layers = [m for m in critic.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer in layers:
+        w = layer.weight.detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # 2 I on the smaller side for an orthogonal matrix
+        assert torch.allclose(gram, 2.0 * torch.eye(len(gram), dtype=torch.float64), atol=1e-5)
+        assert (layer.bias == 0).all()

@@ -92,15 +92,31 @@ def test_cartpole_model_has_diffrl_parameters(task):
     assert task.dt == pytest.approx(1 / 60) and task.substeps == 4  # envs/cartpole_swing_up.py: sim_substeps = 4
 
 
+def mujoco_model(path):
+    """The MJCF compiled by MuJoCo, with the dflex inertias the tasks give Genesis (`dflex_inertias`: the model's
+    `dflex_inertia:BODY` entries, which MuJoCo's compiler cannot take as inertials) written into the compiled model
+    as principal moments and axes; models without such entries are left as compiled."""
+    from common.locomotion import dflex_inertias
+
+    m = mujoco.MjModel.from_xml_path(str(path))
+    for body, inertia in dflex_inertias(path).items():
+        moments, axes = np.linalg.eigh(inertia)
+        axes[:, 2] *= np.linalg.det(axes)  # a proper rotation
+        quat = np.zeros(4)
+        mujoco.mju_mat2Quat(quat, axes.flatten())
+        m.body(body).inertia[:], m.body(body).iquat[:] = np.maximum(moments, 0.0), quat
+        m.body_sameframe[m.body(body).id] = 0  # else MuJoCo keeps using the body's frame as the inertial one
+    return m
+
+
 def compare(task, qpos0, qvel0, actions, wrong_models, label):
     """Genesis vs MuJoCo (same scheme) within BOUND; each wrong model at least 10 x BOUND away from the right one."""
-    m = mujoco.MjModel.from_xml_path(str(task.mjcf))
+    m = mujoco_model(task.mjcf)
     ctrl = mujoco_controls(task, m, actions)
     reference = mujoco_rollout(m, qpos0, qvel0, ctrl, task.dt, task.substeps)
     ours = genesis_rollout(task, qpos0, qvel0, actions)
     error = np.abs(ours - reference).max(0)
-    rk4 = mujoco_rollout(mujoco.MjModel.from_xml_path(str(task.mjcf)), qpos0, qvel0, ctrl, task.dt, 20,
-                         mujoco.mjtIntegrator.mjINT_RK4)
+    rk4 = mujoco_rollout(mujoco_model(task.mjcf), qpos0, qvel0, ctrl, task.dt, 20, mujoco.mjtIntegrator.mjINT_RK4)
     print(f"\n{label}: max |Genesis - MuJoCo| over {SECONDS} s per qpos: " + " ".join(f"{e:.1e}" for e in error)
           + "; discretisation (vs RK4 at 1/1200 s): " + " ".join(f"{e:.1e}" for e in np.abs(reference - rk4).max(0)))
     assert (error < BOUND).all(), error
@@ -112,8 +128,8 @@ def compare(task, qpos0, qvel0, actions, wrong_models, label):
 
 
 def edited(path, **fields):
-    """The MJCF compiled by MuJoCo with some of its arrays overwritten (a planted parameter error)."""
-    m = mujoco.MjModel.from_xml_path(str(path))
+    """`mujoco_model(path)` with some of its arrays overwritten (a planted parameter error)."""
+    m = mujoco_model(path)
     for field, value in fields.items():
         getattr(m, field)[:] = value
     return m
@@ -164,7 +180,8 @@ def test_humanoid_flight_follows_mujoco_for_one_second(humanoid):
     qvel0 = np.zeros(humanoid.robot.n_dofs)
     qvel0[2] = 3.0
     qvel0[6:] = np.random.default_rng(4).uniform(-0.3, 0.3, humanoid.act_dim)
-    wrong = {"no stiffness": edited(humanoid.mjcf, jnt_stiffness=0.0)}
+    wrong = {"no stiffness": edited(humanoid.mjcf, jnt_stiffness=0.0),
+             "MuJoCo's inertias": mujoco.MjModel.from_xml_path(str(humanoid.mjcf))}
     reference = compare(humanoid, qpos0, qvel0, actions, wrong, "humanoid flight")
     assert reference[:, 2].min() > 1.5
 
@@ -184,7 +201,8 @@ def test_ant_and_humanoid_models_have_diffrl_parameters(ant, humanoid):
     m = mujoco.MjModel.from_xml_path(str(ant.mjcf))
     assert np.allclose(m.dof_damping[6:], 1.0 + LIMIT_KD) and np.allclose(m.dof_armature[6:], 0.05)
     assert np.allclose(m.jnt_stiffness, 0.0) and np.allclose(m.geom_friction[:, 0], 0.75)
-    assert m.body_mass[m.body("torso").id] == pytest.approx(1000 * 4 / 3 * math.pi * 0.25**3)
+    capsule = 1000 * math.pi * 0.08**2 * (math.sqrt(0.08) + 4 * 0.08 / 3)  # the four 0.28 m aux capsules, r 0.08
+    assert m.body_mass[m.body("torso").id] == pytest.approx(1000 * 4 / 3 * math.pi * 0.25**3 + 4 * capsule)
     assert np.allclose(m.actuator_gear[:, 0], 200.0) and np.allclose(ant.strength.numpy(), 200.0)
 
     m = mujoco.MjModel.from_xml_path(str(humanoid.mjcf))
