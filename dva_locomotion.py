@@ -530,6 +530,9 @@ if __name__ == "__main__":
                 print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
             backward_s = time.perf_counter() - start
 
+            # Env-steps spent idle: an env that ended inside the window waits for the boundary to restart.
+            idle_fraction = 1.0 - valid.float().mean().item()
+
             # Critic update on the window's states with TD(lambda) targets (finite data only).
             start = time.perf_counter()
             valid &= torch.isfinite(states).all(-1) & torch.isfinite(rewards) & torch.isfinite(next_values)
@@ -550,7 +553,8 @@ if __name__ == "__main__":
             for tag, value in (("losses/actor_loss", actor_loss.item()), ("losses/critic_loss", critic_loss),
                                ("grads/actor_grad_norm", grad_norm), ("charts/SPS", sps),
                                ("charts/learning_rate", actor_opt.param_groups[0]["lr"]),
-                               ("charts/nan_skips", nan_skips), ("charts/wall_minutes", elapsed / 60),
+                               ("charts/nan_skips", nan_skips), ("charts/idle_fraction", idle_fraction),
+                               ("charts/wall_minutes", elapsed / 60),
                                ("time/render_s", render_s), ("time/forward_s", forward_s),
                                ("time/backward_s", backward_s), ("time/critic_s", critic_s),
                                ("time/iteration_s", iteration_s)):
@@ -571,7 +575,7 @@ if __name__ == "__main__":
             if iteration % args.log_every == 0 or iteration == start_iter or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)
-                print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  "
+                print(f"iter {iteration}/{args.max_iters}  return {mean_ret:.1f}  SPS {sps}  idle {idle_fraction:.2f}  "
                       f"{iteration_s:.2f} s/iter  ETA {eta / 60:.1f} min", flush=True)
             if iteration % args.save_every == 0:
                 distributed.check_in_sync(actor, critic, target_critic, obs_rms)  # [distributed] debug: no drift

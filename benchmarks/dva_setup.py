@@ -9,10 +9,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def dva_setup(task_name: str, num_envs: int, size: tuple[int, int], device, renderer: str = "auto",
-              build_task: bool = True, **overrides):
+              build_task: bool = True, camera: bool = True, **overrides):
     """Returns (script module, Args with the script's per-task defaults filled in, task or None).
 
-    `size` is (height, width); locomotion images are square (its scripts have no --image-width)."""
+    `size` is (height, width); locomotion images are square (its scripts have no --image-width); `camera=False`
+    builds the task without one (state SHAC)."""
     from common.genesis_setup import resolve_renderer
 
     if task_name == "cartpole":
@@ -30,5 +31,5 @@ def dva_setup(task_name: str, num_envs: int, size: tuple[int, int], device, rend
         from common.tasks import make_task
 
         image_size = size if task_name == "cartpole" else (size[0], size[0])  # dva_locomotion.py: square images
-        task = make_task(task_name, num_envs, device, image_size=image_size, renderer=renderer)
+        task = make_task(task_name, num_envs, device, image_size=image_size if camera else None, renderer=renderer)
     return dva, args, task

@@ -26,6 +26,7 @@ results/gpu_check.json is rewritten after every part, and a table is printed at 
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -247,10 +248,15 @@ def part_learn(args: Args) -> list[dict]:
     if code == 0 and evals:
         iteration, minutes_run, ret, success = evals[-1]
         beats_idle = float(ret) > idle
-        # --quick checks the code path only: a few seconds of 4 envs need not learn anything yet
+        # --quick checks the code path only (a few seconds of 4 envs need not learn anything yet): the run trained
+        # and its return is one the cart-pole can give (at most 10 per step over its 240 steps)
+        possible = math.isfinite(float(ret)) and float(ret) <= 2400.0 and int(iteration) >= 1
         row.update(iterations=int(iteration), minutes=float(minutes_run), eval_return=float(ret),
-                   eval_success=float(success), beats_idle=beats_idle, passed=beats_idle or args.quick)
-        if not row["passed"]:
+                   eval_success=float(success), beats_idle=beats_idle,
+                   passed=possible and (beats_idle or args.quick))
+        if not possible:
+            row["error"] = f"eval return {float(ret):.1f} after {iteration} iterations is not a cart-pole return"
+        elif not row["passed"]:
             row["error"] = f"eval return {float(ret):.1f} is not above the idle policy's {idle:.1f}"
     return [row]
 

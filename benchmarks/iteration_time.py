@@ -5,6 +5,8 @@
     python benchmarks/iteration_time.py --config paper    # cartpole, the paper's: 64 envs, 84 x 84 px
     python benchmarks/iteration_time.py --config cpu --image-size 64 --image-width 64 --name cpu64   # any variant
     python benchmarks/iteration_time.py --task humanoid --config paper    # locomotion: 64 envs, 84 x 84 px
+    python benchmarks/iteration_time.py --task hopper --obs state --config paper   # state SHAC, 64 envs, no camera
+    DVA_PERFORMANCE_MODE=0 python benchmarks/iteration_time.py ...        # without Genesis's static arrays
 
 Runs a few warm iterations of the real training step (the functions of dva_cartpole.py or dva_locomotion.py, with
 timers around the renderer, the actor and the simulator), prints a table and writes
@@ -39,6 +41,8 @@ LOCOMOTION_CONFIGS = {"cpu": dict(num_envs=16, image_size=48), "paper": dict(num
 class BenchArgs:
     task: Literal["cartpole", "hopper", "ant", "humanoid"] = "cartpole"
     """which task (and script: dva_cartpole.py or dva_locomotion.py)"""
+    obs: Literal["pixels", "state"] = "pixels"
+    """what the actor sees (state: state SHAC, no camera; locomotion only)"""
     config: Literal["cpu", "paper"] = "cpu"
     """cpu: CPU scale (cartpole 32 envs at 32 x 64; locomotion 16 envs at 48 x 48); paper: 64 envs at 84 x 84"""
     iters: int = 5
@@ -91,13 +95,20 @@ if __name__ == "__main__":
     width = (bench.image_width or config.get("image_width", height)) if bench.task == "cartpole" else height
     # the script's own per-task defaults (networks, learning rates) and input checks
     overrides = dict(horizon=bench.horizon) if bench.horizon else {}
+    pixels = bench.obs == "pixels"
+    if not pixels:
+        if bench.task == "cartpole":
+            sys.exit("error: --obs state is for the locomotion tasks")
+        overrides["obs"] = "state"
     algo, args, task = dva_setup(bench.task, bench.num_envs or config["num_envs"], (height, width), device,
-                                 renderer=bench.renderer, **overrides)
+                                 renderer=bench.renderer, camera=pixels, **overrides)
     args.image_width = width  # locomotion's Args have no width: its images are square
     name = bench.name or (bench.config if bench.task == "cartpole" else f"{bench.task}_{bench.config}")
+    name += "" if pixels or bench.name else "_state"
     Actor, Critic, rollout_window = algo.Actor, algo.Critic, algo.rollout_window
     td_lambda_targets, update_critic = algo.td_lambda_targets, algo.update_critic
-    actor = Actor((3 * args.frame_stack, args.image_size, args.image_width), task.act_dim, args.actor_hidden).to(device)
+    obs_shape = (3 * args.frame_stack, args.image_size, args.image_width) if pixels else (task.critic_obs_dim,)
+    actor = Actor(obs_shape, task.act_dim, args.actor_hidden).to(device)
     critic = Critic(task.critic_obs_dim, args.critic_hidden).to(device)
     target = Critic(task.critic_obs_dim, args.critic_hidden).to(device).requires_grad_(False)
     obs_rms = RunningMeanStd((task.critic_obs_dim,)).to(device)
@@ -110,7 +121,8 @@ if __name__ == "__main__":
     actor_forward, stacked = actor.forward, []
     actor.forward = timed(actor_forward, timer, "encoder_actor_forward_s", inputs=stacked)
     frames = FrameStack(args.frame_stack)
-    frames.reset(task.render())
+    if pixels:
+        frames.reset(task.render())
     rows = []
     for it in range(2 + bench.iters):
         if it == 2 and device.type == "cuda":  # peak memory of the timed iterations
@@ -138,7 +150,8 @@ if __name__ == "__main__":
         timer["critic_s"] = time.perf_counter() - t0
         ended = episode["ended"].nonzero().flatten()
         task.reset(ended)
-        frames.reset(task.render(), ended)
+        if pixels:
+            frames.reset(task.render(), ended)
         total = time.perf_counter() - start
         # The actor's (mostly the encoder's) share of the backward: the actor alone on the same frames, step by step
         # as in the rollout, with a random output gradient; the rest of `backward_s` is the simulator's.
@@ -152,7 +165,7 @@ if __name__ == "__main__":
         row = {k: timer[k] for k in parts}
         row["iteration_s"] = total
         row["overhead"] = total / sum(row[k] for k in parts)
-        row["ms_per_image"] = 1000 * timer["render_s"] / (timer["render_s_calls"] * args.num_envs)
+        row["ms_per_image"] = 1000 * timer["render_s"] / max(timer["render_s_calls"] * args.num_envs, 1)
         row["encoder_actor_backward_s"] = actor_backward
         if it >= 2:
             rows.append(row)
@@ -163,8 +176,11 @@ if __name__ == "__main__":
         mean["torch_peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         free, total = torch.cuda.mem_get_info()
         mean["device_used_gpu_mb"] = (total - free) / 2**20
-    result = {"task": bench.task, "config": name, "num_envs": args.num_envs, "horizon": args.horizon,
-              "image": [args.image_size, args.image_width], "device": str(device), "renderer": renderer,
+    from common.genesis_setup import performance_mode
+
+    result = {"task": bench.task, "config": name, "obs": bench.obs, "num_envs": args.num_envs, "horizon": args.horizon,
+              "image": [args.image_size, args.image_width] if pixels else None, "device": str(device),
+              "renderer": renderer if pixels else None, "performance_mode": performance_mode(),
               "torch_threads": torch.get_num_threads(), "iters": bench.iters, "mean": mean}
     print(f"{bench.task} {name}: {args.num_envs} envs x H={args.horizon}, {args.image_size}x{args.image_width} px, "
           f"{device}, {renderer}")

@@ -1,5 +1,7 @@
 """Starting Genesis once per process, on the device the user asked for, and choosing a renderer."""
 
+import os
+
 import torch
 
 _STARTED_ON = None
@@ -59,6 +61,16 @@ def disable_msaa():
     pyrender_renderer.glGetIntegerv = gl_get_integerv
 
 
+def performance_mode() -> bool:
+    """Genesis's `performance_mode` (static arrays compiled for the scene's size): about 2x faster simulation and
+    backward passes, at a longer first scene build per size (docs/genesis.md). On unless the environment sets
+    DVA_PERFORMANCE_MODE=0, as the test suite does (it builds scenes of many sizes)."""
+    value = os.environ.get("DVA_PERFORMANCE_MODE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"DVA_PERFORMANCE_MODE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def init_genesis(device: torch.device, precision: str = "32"):
     """`gs.init` once per process (a second call raises in Genesis); later calls must ask for the same set-up."""
     global _STARTED_ON
@@ -69,7 +81,8 @@ def init_genesis(device: torch.device, precision: str = "32"):
         if _STARTED_ON != wanted:
             raise RuntimeError(f"Genesis already runs with {_STARTED_ON}; cannot switch to {wanted} in one process")
         return gs
-    gs.init(backend=gs.cuda if device.type == "cuda" else gs.cpu, precision=precision, logging_level="warning")
+    gs.init(backend=gs.cuda if device.type == "cuda" else gs.cpu, precision=precision, logging_level="warning",
+            performance_mode=performance_mode())
     try:
         disable_msaa()
     except (ImportError, OSError, AttributeError):  # no OpenGL here: only the Rasterizer needs it, and it will say so

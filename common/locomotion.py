@@ -129,9 +129,16 @@ class LocomotionTask(Task):
         requires_grad: bool = True,
         seed: int = 0,
         precision: str = "32",
+        substeps: int | None = None,
+        rigid_options: dict | None = None,
     ):
+        """substeps (default: the class's) and rigid_options (extra `gs.options.RigidOptions` settings, e.g.
+        constraint_timeconst, iterations, tolerance) change the contact model; benchmarks/contact_gradients.py
+        measures their effect on the gradient."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if substeps is not None:
+            self.substeps = substeps
         self.num_envs, self.device, self.requires_grad = num_envs, device, requires_grad
         self.image_size = image_size
         self.act_dim = len(self.motor_joints)
@@ -144,7 +151,7 @@ class LocomotionTask(Task):
         self.scene = gs.Scene(
             sim_options=gs.options.SimOptions(dt=self.dt, substeps=self.substeps, requires_grad=requires_grad),
             rigid_options=gs.options.RigidOptions(integrator=gs.integrator.approximate_implicitfast,
-                                                  enable_self_collision=False),
+                                                  enable_self_collision=False, **(rigid_options or {})),
             vis_options=gs.options.VisOptions(split_envs=True, shadow=False, ambient_light=(0.35, 0.35, 0.35),
                                               background_color=(0.55, 0.65, 0.8), lights=lights),
             renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch"

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Static arrays compile per scene size, and the suite builds many sizes: test with Genesis's dynamic arrays (the
+# scripts' subprocesses inherit this).
+os.environ.setdefault("DVA_PERFORMANCE_MODE", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEVICE = torch.device(os.environ.get("DVA_TEST_DEVICE", "cpu"))

@@ -153,9 +153,10 @@ def test_updates_route_gradients_as_drqv2():
     final = snapshot()
     assert "losses/actor_loss" in metrics
     assert torch.equal(after[0], final[0]) and torch.equal(after[2], final[2]) and not torch.equal(after[1], final[1])
-    drqv2.soft_update(target, critic, 0.01)
-    t, c = next(target.parameters()), next(critic.parameters())
-    assert not torch.equal(t, c)
+    t_before, c = next(target.parameters()).detach().clone(), next(critic.parameters()).detach()
+    assert not torch.allclose(t_before, c)
+    drqv2.soft_update(target, critic, 0.01)  # tau of the way toward the critic: 0.99 target + 0.01 critic
+    assert torch.allclose(next(target.parameters()), 0.99 * t_before + 0.01 * c, atol=1e-7)
 
 
 def test_exploration_std_schedule():

@@ -28,7 +28,8 @@ def test_gpu_check_runs_its_parts_on_the_cpu(tmp_path):
     assert rows[("iteration", "hopper")]["iteration_s"] > 0
     backward = rows[("backward", "hopper")]
     assert backward["dva"]["backward_s"] > 0 and backward["diffrender_store"]["backward_s"] > 0
-    assert rows[("learn", None)]["eval_return"] is not None
+    learn = rows[("learn", None)]
+    assert learn["iterations"] >= 1 and -1e6 < learn["eval_return"] <= 2400.0  # a cart-pole return, finite
     ranks = rows[("ranks", None)]
     assert ranks["ranks_1"]["sps"] > 0 and ranks["ranks_2"]["sps"] > 0 and ranks["speedup_2_ranks"] > 0
     assert "| render | hopper | yes |" in proc.stdout  # the printed table

@@ -98,6 +98,15 @@ def test_step_time_limit_and_blow_up(hopper):
     assert truncated.tolist() == [True, True] and not terminated.any()
     hopper.reset()
     assert (hopper.progress == 0).all()
+    # A blow-up (here a joint speed far past step()'s 1e4 bound in env 0) terminates that env alone, with no reward.
+    with torch.no_grad():
+        qvel = torch.zeros(2, 6)
+        qvel[0, 3] = 1e6
+        hopper.robot.set_dofs_velocity(qvel, envs_idx=torch.arange(2))
+        reward, terminated, truncated = hopper.step(torch.zeros(2, 3))
+    assert terminated.tolist() == [True, False] and reward[0] == 0.0 and reward[1] != 0.0
+    assert not truncated.any()
+    hopper.reset()
 
 
 @pytest.mark.parametrize("name", ["hopper", "ant"])
