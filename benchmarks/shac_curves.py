@@ -1,0 +1,44 @@
+"""Return curves of state-SHAC runs on the 3-D tasks from their console output, beside the paper's SHAC expert.
+
+    python dva_locomotion.py --task hopper --obs state --max-minutes 35 --eval-every 100 > hopper.log
+    python benchmarks/shac_curves.py "hopper=hopper.log=<the command>" "ant=ant.log=<the command>"
+
+Each argument is TASK=LOG=COMMAND. Reads the script's "eval at iter ..." and "iter ..." lines and writes
+results/state_shac_3d_cpu.json (evaluations, the median seconds per iteration from iteration 20 on, the mean idle
+fraction, the command) and .png (eval return against iterations and minutes). The experts' returns are read off the
+paper's distillation figure.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {"hopper": 4900, "ant": 6700, "humanoid": 8200}
+out = {}
+for arg in sys.argv[1:]:
+    task, path, cmd = arg.split("=", 2)
+    text = open(path).read()
+    evals = [dict(iteration=int(i), minutes=float(m), eval_return=float(r), forward_velocity=float(v))
+             for i, m, r, v in re.findall(r"eval at iter (\d+) \(([\d.]+) min\): return (-?[\d.]+), forward velocity (-?[\d.]+) m/s", text)]
+    iters = [(int(i), float(s), float(idle)) for i, idle, s in re.findall(r"^iter (\d+)/\d+ .*idle ([\d.]+)\s+([\d.]+) s/iter", text, re.M)]
+    steady = [s for i, s, _ in iters if i >= 20]
+    out[task] = dict(command=cmd, evals=evals, seconds_per_iteration_median=float(np.median(steady)) if steady else None,
+                     idle_fraction_mean=float(np.mean([f for _, _, f in iters])) if iters else None,
+                     paper_expert=PAPER[task])
+json.dump(out, open(ROOT / "results/state_shac_3d_cpu.json", "w"), indent=1)
+import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+fig, axes = plt.subplots(2, len(out), figsize=(4.5 * len(out), 6.5), squeeze=False)
+for col, (task, d) in enumerate(out.items()):
+    for row, key in enumerate(("iteration", "minutes")):
+        ax = axes[row, col]
+        ax.plot([e[key] for e in d["evals"]], [e["eval_return"] for e in d["evals"]], "o-", label="ours (2-core CPU)")
+        ax.axhline(d["paper_expert"], color="k", ls="--", label="paper's SHAC expert")
+        ax.set_xlabel(key); ax.set_ylabel("eval return"); ax.set_title(f"{task}: state SHAC")
+        ax.legend(fontsize=7)
+fig.tight_layout(); fig.savefig(ROOT / "results/state_shac_3d_cpu.png", dpi=110)
+for task, d in out.items():
+    best = max(d["evals"], key=lambda e: e["eval_return"]) if d["evals"] else None
+    print(task, "last", d["evals"][-1] if d["evals"] else None, "best", best, "s/iter", d["seconds_per_iteration_median"], "idle", d["idle_fraction_mean"])
