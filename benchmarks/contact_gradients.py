@@ -263,7 +263,8 @@ def main(bench: BenchArgs):
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.timeout_s)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
-                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("[W ")]
+                    tail = (lines or ["no output"])[-1]  # the error, not Genesis's compiler warnings
                     print(f"{task_name:9s} {setting_name:24s} failed: {tail}", flush=True)
                     continue
                 result = json.loads(line[len("RESULT "):])
