@@ -196,7 +196,8 @@ def measure(task_name: str, setting_name: str, bench: BenchArgs, checkpoint_path
 def summary_line(r: dict) -> str:
     norms = " ".join(f"H{h}:{np.median(v):.3g}(cv {np.std(v) / max(np.mean(v), 1e-12):.2f})"
                      for h, v in r["norms"].items())
-    return (f"{r['task']:9s} {r['setting']:24s} agreement {r['agreement'] if r['agreement'] is None else round(r['agreement'], 3)}"
+    agreement = None if r["agreement"] is None else round(r["agreement"], 3)
+    return (f"{r['task']:9s} {r['setting']:24s} agreement {agreement}"
             f"  fwd+bwd {r['forward_s'] + r['backward_s']:.2f} s  build {r['build_s']:.0f} s  norms {norms}")
 
 

@@ -17,28 +17,53 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"hopper": 4900, "ant": 6700, "humanoid": 8200}
-out = {}
-for arg in sys.argv[1:]:
-    task, path, cmd = arg.split("=", 2)
-    text = open(path).read()
+EVAL = re.compile(r"eval at iter (\d+) \(([\d.]+) min\): return (-?[\d.]+), forward velocity (-?[\d.]+) m/s")
+ITER = re.compile(r"^iter (\d+)/\d+ .*idle ([\d.]+)\s+([\d.]+) s/iter", re.M)
+
+
+def read_log(path: str, command: str, task: str) -> dict:
+    text = Path(path).read_text()
     evals = [dict(iteration=int(i), minutes=float(m), eval_return=float(r), forward_velocity=float(v))
-             for i, m, r, v in re.findall(r"eval at iter (\d+) \(([\d.]+) min\): return (-?[\d.]+), forward velocity (-?[\d.]+) m/s", text)]
-    iters = [(int(i), float(s), float(idle)) for i, idle, s in re.findall(r"^iter (\d+)/\d+ .*idle ([\d.]+)\s+([\d.]+) s/iter", text, re.M)]
-    steady = [s for i, s, _ in iters if i >= 20]
-    out[task] = dict(command=cmd, evals=evals, seconds_per_iteration_median=float(np.median(steady)) if steady else None,
-                     idle_fraction_mean=float(np.mean([f for _, _, f in iters])) if iters else None,
-                     paper_expert=PAPER[task])
-json.dump(out, open(ROOT / "results/state_shac_3d_cpu.json", "w"), indent=1)
-import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
-fig, axes = plt.subplots(2, len(out), figsize=(4.5 * len(out), 6.5), squeeze=False)
-for col, (task, d) in enumerate(out.items()):
-    for row, key in enumerate(("iteration", "minutes")):
-        ax = axes[row, col]
-        ax.plot([e[key] for e in d["evals"]], [e["eval_return"] for e in d["evals"]], "o-", label="ours (2-core CPU)")
-        ax.axhline(d["paper_expert"], color="k", ls="--", label="paper's SHAC expert")
-        ax.set_xlabel(key); ax.set_ylabel("eval return"); ax.set_title(f"{task}: state SHAC")
-        ax.legend(fontsize=7)
-fig.tight_layout(); fig.savefig(ROOT / "results/state_shac_3d_cpu.png", dpi=110)
-for task, d in out.items():
-    best = max(d["evals"], key=lambda e: e["eval_return"]) if d["evals"] else None
-    print(task, "last", d["evals"][-1] if d["evals"] else None, "best", best, "s/iter", d["seconds_per_iteration_median"], "idle", d["idle_fraction_mean"])
+             for i, m, r, v in EVAL.findall(text)]
+    iters = [(int(i), float(s), float(idle)) for i, idle, s in ITER.findall(text)]
+    steady = [s for i, s, _ in iters if i >= 20]  # after the first iterations' kernel compilation
+    return dict(command=command, evals=evals,
+                seconds_per_iteration_median=float(np.median(steady)) if steady else None,
+                idle_fraction_mean=float(np.mean([f for _, _, f in iters])) if iters else None,
+                paper_expert=PAPER[task])
+
+
+def plot(out: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(out), figsize=(4.5 * len(out), 6.5), squeeze=False)
+    for col, (task, d) in enumerate(out.items()):
+        for row, key in enumerate(("iteration", "minutes")):
+            ax = axes[row, col]
+            ax.plot([e[key] for e in d["evals"]], [e["eval_return"] for e in d["evals"]], "o-",
+                    label="ours (2-core CPU)")
+            ax.axhline(d["paper_expert"], color="k", ls="--", label="paper's SHAC expert")
+            ax.set_xlabel(key)
+            ax.set_ylabel("eval return")
+            ax.set_title(f"{task}: state SHAC")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    if not sys.argv[1:] or any(arg.count("=") < 2 or arg.split("=")[0] not in PAPER for arg in sys.argv[1:]):
+        sys.exit("error: give TASK=LOG=COMMAND arguments, TASK one of hopper, ant, humanoid")
+    out = {}
+    for arg in sys.argv[1:]:
+        task, path, command = arg.split("=", 2)
+        out[task] = read_log(path, command, task)
+    (ROOT / "results/state_shac_3d_cpu.json").write_text(json.dumps(out, indent=1))
+    plot(out, ROOT / "results/state_shac_3d_cpu.png")
+    for task, d in out.items():
+        best = max(d["evals"], key=lambda e: e["eval_return"], default=None)
+        print(f"{task}: last {d['evals'][-1] if d['evals'] else None}, best {best}, "
+              f"{d['seconds_per_iteration_median']} s per iteration, idle {d['idle_fraction_mean']}")

@@ -62,9 +62,10 @@ def disable_msaa():
 
 
 def performance_mode() -> bool:
-    """Genesis's `performance_mode` (static arrays compiled for the scene's size): about 2x faster simulation and
-    backward passes, at a longer first scene build per size (docs/genesis.md). On unless the environment sets
-    DVA_PERFORMANCE_MODE=0, as the test suite does (it builds scenes of many sizes)."""
+    """Genesis's `performance_mode` (static arrays compiled for the scene's size, which Genesis recommends with
+    gradients), at a longer first scene build per size (docs/genesis.md; its speed-up on a CPU is not measured side
+    by side yet, docs/results.md). On unless the environment sets DVA_PERFORMANCE_MODE=0, as the test suite does
+    (it builds scenes of many sizes)."""
     value = os.environ.get("DVA_PERFORMANCE_MODE", "1")
     if value not in ("0", "1"):
         raise ValueError(f"DVA_PERFORMANCE_MODE must be 0 or 1, got {value!r}")

@@ -161,7 +161,8 @@ class LocomotionTask(Task):
         # A checker floor (0.5 m checks, repeating every 1 m): its motion in the tracking camera's images is the
         # policy's cue for speed. A contact takes the larger of its two geoms' frictions: the floor's equals the
         # robot's, so every contact has dflex's (which uses the robot shape's alone).
-        self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)), material=gs.materials.Rigid(friction=self.friction))
+        self.scene.add_entity(gs.morphs.Plane(tile_size=(1.0, 1.0)),
+                              material=gs.materials.Rigid(friction=self.friction))
         with low_poly_visuals():  # default primitive meshes have thousands of faces: 5-10x slower CPU renders
             self.robot = self.scene.add_entity(gs.morphs.MJCF(file=str(ASSETS / self.asset)))
         self.camera = self.ray_caster = None
