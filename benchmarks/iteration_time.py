@@ -157,7 +157,7 @@ if __name__ == "__main__":
         # as in the rollout, with a random output gradient; the rest of `backward_s` is the simulator's.
         actor_backward = 0.0
         for obs in stacked:
-            actions = actor_forward(obs)
+            actions = actor_forward(obs.detach())  # state inputs carry the (freed) simulator graph
             t0 = time.perf_counter()
             actions.backward(torch.randn_like(actions))
             actor_backward += time.perf_counter() - t0

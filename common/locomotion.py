@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.diff_render import quat_to_matrix
 from common.genesis_setup import check_camera_width, init_genesis, low_poly_visuals
 from common.tasks import Task
 
@@ -44,14 +45,6 @@ def quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bw, bx, by, bz = b.unbind(-1)
     return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
                         aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
-
-
-def quat_to_matrix(quat) -> np.ndarray:
-    """Rotation matrix of a unit quaternion in Genesis's (w, x, y, z) order."""
-    w, x, y, z = np.asarray(quat, dtype=float)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
 
 
 def dflex_inertias(mjcf: Path) -> dict[str, np.ndarray]:
@@ -108,6 +101,7 @@ class LocomotionTask(Task):
     max_episode_length = 1000
     dt = 1.0 / 60.0
     substeps = 2
+    constraint_timeconst = 0.01  # Genesis's default: the contacts as stiff as the substep allows (docs/tasks.md)
     start_qpos_noise = 0.05
     start_qvel_noise = 0.05
     vel_obs_scale = 0.1
@@ -150,8 +144,9 @@ class LocomotionTask(Task):
         lights = [dict(type="directional", dir=(0.3, 1.0, -1.0), color=(1.0, 1.0, 1.0), intensity=3.0)]
         self.scene = gs.Scene(
             sim_options=gs.options.SimOptions(dt=self.dt, substeps=self.substeps, requires_grad=requires_grad),
-            rigid_options=gs.options.RigidOptions(integrator=gs.integrator.approximate_implicitfast,
-                                                  enable_self_collision=False, **(rigid_options or {})),
+            rigid_options=gs.options.RigidOptions(**{
+                "integrator": gs.integrator.approximate_implicitfast, "enable_self_collision": False,
+                "constraint_timeconst": self.constraint_timeconst, **(rigid_options or {})}),
             vis_options=gs.options.VisOptions(split_envs=True, shadow=False, ambient_light=(0.35, 0.35, 0.35),
                                               background_color=(0.55, 0.65, 0.8), lights=lights),
             renderer=gs.renderers.BatchRenderer(use_rasterizer=True) if renderer == "batch"
@@ -184,7 +179,7 @@ class LocomotionTask(Task):
         # dflex's inertias in place of MuJoCo's (the same masses and centres of mass), in each link's inertial frame.
         for body, inertia in dflex_inertias(self.mjcf).items():
             link = self.robot.get_link(body)
-            rotation = quat_to_matrix(link.desc.inertial_quat)
+            rotation = quat_to_matrix(torch.tensor(link.desc.inertial_quat, dtype=torch.float64)).numpy()
             link.set_inertia(rotation.T @ inertia @ rotation)
         self.torso = self.robot.get_link("torso").idx  # solver-global link index
         self.motor_dofs = [self.robot.get_joint(j).dofs_idx_local[0] for j in self.motor_joints]
