@@ -352,7 +352,7 @@ def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
     for tp, sp in zip(target.parameters(), source.parameters()):
-        tp.lerp_(sp, tau)  # tp += tau * (sp - tp)
+        tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
 class CurlSacAgent:
@@ -553,7 +553,7 @@ if __name__ == "__main__":
         agent.load_optimisers(checkpoint)
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -568,7 +568,7 @@ if __name__ == "__main__":
     def save(iteration: int):
         save_checkpoint(run_dir / "checkpoint.pt", {
             **agent.state_dict(), "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.rng_state(), "args": vars(args),
         })
 
     def restart_episodes():

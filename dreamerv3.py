@@ -751,7 +751,7 @@ if __name__ == "__main__":
         agent_steps, num_updates = checkpoint["agent_steps"], checkpoint["num_updates"]
         update_credit = checkpoint["update_credit"]
         set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -766,7 +766,7 @@ if __name__ == "__main__":
             **{key: module.state_dict() for key, module in {**networks, **optimizers}.items()},
             "iteration": iteration, "global_step": global_step, "agent_steps": agent_steps,
             "num_updates": num_updates, "update_credit": update_credit, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.rng_state(), "args": vars(args),
         })
 
     # ------------------------------------------------------------------------------------------------ training loop

@@ -500,7 +500,7 @@ if __name__ == "__main__":
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         agent_steps, num_updates = checkpoint["agent_steps"], checkpoint["num_updates"]
         set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -514,7 +514,7 @@ if __name__ == "__main__":
         save_checkpoint(run_dir / "checkpoint.pt", {
             **{key: module.state_dict() for key, module in {**networks, **optimizers}.items()},
             "iteration": iteration, "global_step": global_step, "agent_steps": agent_steps,
-            "num_updates": num_updates, "rng": rng_state(), "task_rng": task.generator.get_state(), "args": vars(args),
+            "num_updates": num_updates, "rng": rng_state(), "task_rng": task.rng_state(), "args": vars(args),
         })
 
     # ------------------------------------------------------------------------------------------------ training loop

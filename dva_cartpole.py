@@ -18,7 +18,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import tyro
 
 from common import distributed
 from common.encoder import Encoder
+from common.task import SimulationBlowUp
 from common.utils import FrameStack, load_checkpoint, range_problems
 
 
@@ -105,6 +106,11 @@ SHAPE_ARGS = ("obs", "image_size", "image_width", "frame_stack", "actor_hidden",
 """Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
 
 
+# The visual run that docs/results.md measured on a 2-core CPU (balances from pixels in 15-18 minutes).
+CPU_COMMAND = ("python dva_cartpole.py --num-envs 16 --image-size 32 --image-width 64 --horizon 16 --eval-every 200 "
+               "--max-minutes 30")
+
+
 def finalize_args(args: Args, world_size: int = 1) -> Args:
     """Fill the paper's defaults that depend on --obs and reject bad input before anything is built."""
     pixels = args.obs == "pixels"
@@ -180,6 +186,17 @@ def actor_input(task, frames, obs_rms, pixels: bool) -> torch.Tensor:
     return obs_rms.normalize(task.critic_obs())
 
 
+class Window(NamedTuple):
+    """A window's detached data for the critic, each (H, N): the critic's inputs before each step, the rewards,
+    V'(s_(t+1)) from the target critic (0 after a termination), where each env's return closes, and the steps at
+    which each env was alive."""
+    states: torch.Tensor
+    rewards: torch.Tensor
+    next_values: torch.Tensor
+    dones: torch.Tensor
+    valid: torch.Tensor
+
+
 def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
     """Simulate H steps of every env and build SHAC's actor loss.
 
@@ -217,27 +234,69 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
         episode["length"] += alive.long()
         episode["ended"] |= ends
         alive = alive & ~ends
-    return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
+    return actor_loss / (h * n), Window(obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
 
 
-def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float) -> tuple[float, bool]:
-    """Back-propagate the window's loss through the simulator (not through the images), clip, step the actor.
+def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
+    """Back-propagate the window's loss through the simulator and step the actor, or skip a bad window.
 
-    A non-finite loss or gradient skips the step and cuts the tape. Under torchrun the ranks' gradients are averaged
-    before the clip, so every rank takes the same step; a non-finite loss on any rank makes every rank skip.
-    Returns (pre-clip gradient norm, skipped)."""
+    A non-finite loss, a non-finite gradient, or Genesis's NaN stop in its backward pass (`SimulationBlowUp`; humanoid,
+    now and then) skips the update: the simulator is put back to the window's end state (saved before the backward
+    pass), the tape is cut, and the caller resets the envs that blew up. Returns (pre-clip gradient norm, skipped).
+    Under torchrun the ranks' gradients are averaged before the clip, so every rank takes the same step; a skip on
+    any rank is a skip on all.
+    """
     actor_opt.zero_grad()
-    if distributed.all_ranks(torch.isfinite(actor_loss)):
-        task.backward(actor_loss)
-        distributed.average_gradients(actor)  # [distributed] the global batch's gradient; a NaN anywhere spreads
-        grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
-    else:
-        grad_norm = torch.tensor(float("nan"))
-    if torch.isfinite(grad_norm):
-        actor_opt.step()
-    else:  # a non-finite loss or gradient skips the update; the envs that blew up are reset at the boundary
+    if not distributed.all_ranks(torch.isfinite(actor_loss)):  # [distributed] a bad loss on any rank: all skip
         task.cut_graph()
-    return grad_norm.item(), not torch.isfinite(grad_norm).item()
+        return float("nan"), True
+    snapshot = task.snapshot()
+    try:
+        task.backward(actor_loss)
+        blew_up = False
+    except SimulationBlowUp:
+        task.restore(snapshot)
+        task.cut_graph()
+        blew_up = True
+    if not distributed.all_ranks(not blew_up):  # [distributed] Genesis's NaN stop on any rank: all skip
+        actor_opt.zero_grad()
+        return float("nan"), True
+    distributed.average_gradients(actor)  # [distributed] the global batch's gradient; a NaN anywhere spreads
+    grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm).item()
+    if not np.isfinite(grad_norm):
+        actor_opt.zero_grad()
+        return grad_norm, True
+    actor_opt.step()
+    return grad_norm, False
+
+
+def window_boundary(task, episode, frames=None, broken=None):
+    """The window boundary, the same after an update, a skipped update or an aborted window: every env that ended
+    inside the window (`episode["ended"]`) or is in the mask `broken` starts a new episode, and its frame stack is
+    refilled with its first frame. The reset cuts the tape, even when no env restarts.
+
+    Returns the restarted envs' ids and the finished episodes to log, as (return, length) pairs; the episodes of
+    broken envs are dropped, not logged.
+    """
+    broken = torch.zeros_like(episode["ended"]) if broken is None else broken
+    finished = [(episode["return"][i].item(), episode["length"][i].item())
+                for i in (episode["ended"] & ~broken).nonzero().flatten().tolist()]
+    env_ids = (episode["ended"] | broken).nonzero().flatten()
+    for v in episode.values():
+        v[env_ids] = 0
+    task.reset(env_ids)
+    if frames is not None and len(env_ids) > 0:
+        frames.reset(task.render(), env_ids)
+    return env_ids, finished
+
+
+def reset_broken_envs(task, episode, frames=None):
+    """After a window that Genesis aborted: cut the tape and go to the window boundary, where the broken envs (all,
+    if none is flagged) restart along with the envs that ended earlier in the window. Returns window_boundary's."""
+    broken = task.broken_envs()  # before the tape is cut: that clears Genesis's error flags
+    broken = broken if broken.any() else torch.ones_like(broken)
+    task.cut_graph()
+    return window_boundary(task, episode, frames, broken)
 
 
 def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
@@ -282,9 +341,9 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
 
 
 @torch.no_grad()
-def soft_update(target: nn.Module, source: nn.Module, alpha: float):
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
     for tp, sp in zip(target.parameters(), source.parameters()):
-        tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+        tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
 def train_critic(critic, target_critic, critic_opt, obs_rms, window, args) -> float:
@@ -294,7 +353,7 @@ def train_critic(critic, target_critic, critic_opt, obs_rms, window, args) -> fl
     distributed.update_normaliser(obs_rms, states[valid])  # one process: obs_rms.update(states[valid])
     targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
     critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
-    soft_update(target_critic, critic, args.target_alpha)
+    soft_update(target_critic, critic, 1 - args.target_alpha)  # SHAC: keep alpha of the target
     return critic_loss
 
 
@@ -358,6 +417,10 @@ if __name__ == "__main__":
         renderer = resolve_renderer(args.renderer, device, args.image_width)
     except ValueError as error:
         distributed.exit_with_error(f"error: {error}")
+    if (device.type == "cpu" and args.obs == "pixels" and args.num_envs >= 64 and args.image_size >= 84 and rank == 0
+            and not args.eval_only):
+        print(f"note: {args.num_envs} envs at {args.image_size} px are the paper's GPU settings; the CPU run of "
+              f"docs/results.md: {CPU_COMMAND}")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed + rank)  # [distributed] every rank its own noise, critic minibatches and start states
@@ -399,7 +462,7 @@ if __name__ == "__main__":
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         if rank == 0:  # [distributed] the checkpoint holds rank 0's random streams; the others keep seed + rank
             set_rng_state(checkpoint["rng"])
-            task.generator.set_state(checkpoint["task_rng"])
+            task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -415,7 +478,7 @@ if __name__ == "__main__":
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args), "world_size": world_size,
+            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
@@ -425,6 +488,15 @@ if __name__ == "__main__":
     episode = {k: torch.zeros(task.num_envs, dtype=dt, device=device)
                for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
+
+    def log_episodes(finished):
+        """Log the episodes that ended, as (return, length) pairs; keep the last 20 returns for the console."""
+        for ret, length in finished:
+            recent_returns.append(ret)
+            writer.add_scalar("charts/episodic_return", ret, global_step)
+            writer.add_scalar("charts/episodic_length", length, global_step)
+        del recent_returns[:-20]
+
     # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
@@ -438,13 +510,28 @@ if __name__ == "__main__":
 
             # Rollout: H differentiable steps and the actor loss.
             start = time.perf_counter()
-            actor_loss, window, render_s = rollout_window(task, actor, target_critic, obs_rms, frames, args, episode)
+            try:
+                actor_loss, window, render_s = rollout_window(task, actor, target_critic, obs_rms, frames, args,
+                                                              episode)
+                aborted = False
+            except SimulationBlowUp:  # Genesis stopped the window: an env blew up
+                aborted = True
+            if not distributed.all_ranks(not aborted):  # [distributed] aborted on any rank: every rank skips it
+                nan_skips += 1
+                stack = frames if pixels else None
+                boundary = reset_broken_envs(task, episode, stack) if aborted else window_boundary(task, episode, stack)
+                log_episodes(boundary[1])
+                print(f"  iteration {iteration}: the simulation blew up, window skipped ({nan_skips} so far)")
+                continue
             forward_s = time.perf_counter() - start - render_s
 
             # Actor update: back-propagate through rewards, critic, dynamics and actions (not through images).
             start = time.perf_counter()
             grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
-            nan_skips += skipped
+            if skipped:  # the envs that blew up, if any, start over below; the others go on
+                nan_skips += 1
+                episode["ended"] |= task.broken_envs()
+                print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
             backward_s = time.perf_counter() - start
 
             # Critic update on the window's states with TD(lambda) targets.
@@ -454,16 +541,7 @@ if __name__ == "__main__":
 
             # Bookkeeping and the resets of ended envs, at the window boundary.
             global_step += args.num_envs * args.horizon
-            ended = episode["ended"].nonzero().flatten()
-            for i in ended.tolist():
-                recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
-                writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
-                writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
-            for v in episode.values():
-                v[ended] = 0
-            task.reset(ended)
-            if pixels and len(ended) > 0:
-                frames.reset(task.render(), ended)
+            log_episodes(window_boundary(task, episode, frames if pixels else None)[1])
             iteration_s = time.perf_counter() - iter_start
 
             elapsed = time.time() - start_time

@@ -20,7 +20,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ import tyro
 
 from common import distributed
 from common.encoder import Encoder
-from common.tasks import SimulationBlowUp
+from common.task import SimulationBlowUp
 from common.utils import FrameStack, load_checkpoint, range_problems
 
 
@@ -122,6 +122,14 @@ SHAPE_ARGS = ("task", "obs", "image_size", "frame_stack", "actor_hidden", "criti
 """Arguments that fix the networks' shapes: --resume and --eval-only take them from the checkpoint."""
 
 
+# The CPU scale of docs/results.md's visual runs (hopper and ant measured there on 2 cores; humanoid alike).
+CPU_COMMANDS = {
+    "hopper": "python dva_locomotion.py --task hopper --num-envs 16 --image-size 48 --eval-every 250 --max-minutes 88",
+    "ant": "python dva_locomotion.py --task ant --num-envs 16 --image-size 48 --eval-every 250 --max-minutes 30",
+    "humanoid": "python dva_locomotion.py --task humanoid --num-envs 16 --image-size 48 --eval-every 250",
+}
+
+
 def finalize_args(args: Args, world_size: int = 1) -> Args:
     """Fill the task's defaults and reject bad input before anything is built."""
     pixels = args.obs == "pixels"
@@ -204,6 +212,17 @@ def actor_input(task, frames, obs_rms, pixels: bool) -> torch.Tensor:
     return obs_rms.normalize(task.critic_obs())
 
 
+class Window(NamedTuple):
+    """A window's detached data for the critic, each (H, N): the critic's inputs before each step, the rewards,
+    V'(s_(t+1)) from the target critic (0 after a termination), where each env's return closes, and the steps at
+    which each env was alive."""
+    states: torch.Tensor
+    rewards: torch.Tensor
+    next_values: torch.Tensor
+    dones: torch.Tensor
+    valid: torch.Tensor
+
+
 def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
     """Simulate H steps of every env and build SHAC's actor loss.
 
@@ -241,7 +260,7 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
         episode["length"] += alive.long()
         episode["ended"] |= ends
         alive = alive & ~ends
-    return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
+    return actor_loss / (h * n), Window(obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
 
 
 def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
@@ -348,9 +367,9 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
 
 
 @torch.no_grad()
-def soft_update(target: nn.Module, source: nn.Module, alpha: float):
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
     for tp, sp in zip(target.parameters(), source.parameters()):
-        tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+        tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
 def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
@@ -415,6 +434,10 @@ if __name__ == "__main__":
         renderer = resolve_renderer(args.renderer, device, args.image_size)
     except ValueError as error:
         distributed.exit_with_error(f"error: {error}")
+    if (device.type == "cpu" and args.obs == "pixels" and args.num_envs >= 64 and args.image_size >= 84 and rank == 0
+            and not args.eval_only):
+        print(f"note: {args.num_envs} envs at {args.image_size} px are the paper's GPU settings; at the CPU scale of "
+              f"docs/results.md: {CPU_COMMANDS[args.task]}")
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     seed_everything(args.seed + rank)  # [distributed] every rank its own noise, critic minibatches and start states
@@ -457,7 +480,7 @@ if __name__ == "__main__":
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         if rank == 0:  # [distributed] the checkpoint holds rank 0's random streams; the others keep seed + rank
             set_rng_state(checkpoint["rng"])
-            task.generator.set_state(checkpoint["task_rng"])
+            task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -474,7 +497,7 @@ if __name__ == "__main__":
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args), "world_size": world_size,
+            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
@@ -540,7 +563,7 @@ if __name__ == "__main__":
             targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
             valid &= torch.isfinite(targets)
             critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
-            soft_update(target_critic, critic, args.target_alpha)
+            soft_update(target_critic, critic, 1 - args.target_alpha)  # SHAC: keep alpha of the target
             critic_s = time.perf_counter() - start
 
             # Bookkeeping and the resets of ended envs, at the window boundary.

@@ -361,7 +361,7 @@ if __name__ == "__main__":
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -373,7 +373,7 @@ if __name__ == "__main__":
         save_checkpoint(run_dir / "checkpoint.pt", {
             "student": student.state_dict(), "optimizer": optimizer.state_dict(), "expert": args.expert,
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.rng_state(), "args": vars(args),
         })
 
     # ------------------------------------------------------------------------------------------------ stage 2

@@ -21,7 +21,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ import torch.nn as nn
 import tyro
 from torch.utils.checkpoint import checkpoint as recompute
 
+from common import distributed
 from common.encoder import Encoder
-from common.tasks import SimulationBlowUp
+from common.task import SimulationBlowUp
 from common.utils import FrameStack, load_checkpoint, range_problems
 
 
@@ -204,6 +205,17 @@ def render(task, renderer, recompute_renderer: bool = False) -> torch.Tensor:
     return 255.0 * image
 
 
+class Window(NamedTuple):
+    """A window's detached data for the critic, each (H, N): the critic's inputs before each step, the rewards,
+    V'(s_(t+1)) from the target critic (0 after a termination), where each env's return closes, and the steps at
+    which each env was alive."""
+    states: torch.Tensor
+    rewards: torch.Tensor
+    next_values: torch.Tensor
+    dones: torch.Tensor
+    valid: torch.Tensor
+
+
 def rollout_window(task, renderer, actor, target_critic, obs_rms, frames, args, episode):
     """Simulate H steps of every env and build SHAC's actor loss; the frames stay in the graph.
 
@@ -241,25 +253,34 @@ def rollout_window(task, renderer, actor, target_critic, obs_rms, frames, args, 
         episode["length"] += alive.long()
         episode["ended"] |= ends
         alive = alive & ~ends
-    return actor_loss / (h * n), (obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
+    return actor_loss / (h * n), Window(obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
 
 
 def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
-    """Back-propagate the window's loss (through the renderer and the simulator) and step the actor, or skip a bad
-    window: on a non-finite loss or gradient, or Genesis's "Nan grad", the simulator goes back to the window's end
-    state and the tape is cut. Returns (pre-clip gradient norm, skipped)."""
+    """Back-propagate the window's loss through the simulator and step the actor, or skip a bad window.
+
+    A non-finite loss, a non-finite gradient, or Genesis's NaN stop in its backward pass (`SimulationBlowUp`; humanoid,
+    now and then) skips the update: the simulator is put back to the window's end state (saved before the backward
+    pass), the tape is cut, and the caller resets the envs that blew up. Returns (pre-clip gradient norm, skipped).
+    Under torchrun the ranks' gradients are averaged before the clip, so every rank takes the same step; a skip on
+    any rank is a skip on all.
+    """
     actor_opt.zero_grad()
-    if not torch.isfinite(actor_loss):
+    if not distributed.all_ranks(torch.isfinite(actor_loss)):  # [distributed] a bad loss on any rank: all skip
         task.cut_graph()
         return float("nan"), True
     snapshot = task.snapshot()
     try:
         task.backward(actor_loss)
+        blew_up = False
     except SimulationBlowUp:
         task.restore(snapshot)
         task.cut_graph()
+        blew_up = True
+    if not distributed.all_ranks(not blew_up):  # [distributed] Genesis's NaN stop on any rank: all skip
         actor_opt.zero_grad()
         return float("nan"), True
+    distributed.average_gradients(actor)  # [distributed] the global batch's gradient; a NaN anywhere spreads
     grad_norm = nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm).item()
     if not np.isfinite(grad_norm):
         actor_opt.zero_grad()
@@ -299,7 +320,10 @@ def reset_broken_envs(task, renderer, episode, frames):
 
 
 def td_lambda_targets(rewards, next_values, dones, gamma: float, lam: float) -> torch.Tensor:
-    """TD(lambda) returns over a window (H, N), vectorised over envs, as in SHAC; dones[H-1] must be 1."""
+    """TD(lambda) returns over a window (H, N), vectorised over envs, as in SHAC; dones[H-1] must be 1.
+
+    At a done step the return bootstraps on next_values (0 after an early termination) and nothing later leaks in.
+    """
     h, n = rewards.shape
     targets = torch.zeros_like(rewards)
     weight, a, b = (torch.zeros(n, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
@@ -318,25 +342,28 @@ def update_critic(critic, critic_opt, obs_rms, states, targets, args) -> float:
     Every minibatch holds at least one sample: with fewer samples than minibatches each sample is its own minibatch
     (an empty one would give a NaN loss, and Adam would still step on its momentum). Returns the last minibatch's
     loss; with no sample at all, no update and a loss of 0 (so the logged loss stays finite)."""
-    if len(states) == 0:  # no finite data in this window: nothing to learn from
+    most = distributed.max_over_ranks(len(states))  # [distributed] every rank takes as many minibatch steps
+    if most == 0:  # no finite data in this window: nothing to learn from
         return 0.0
     states = obs_rms.normalize(states)
     loss = torch.zeros(())
     for _ in range(args.critic_iterations):
         perm = torch.randperm(len(states), device=states.device)
-        for idx in torch.tensor_split(perm, min(args.critic_minibatches, len(states))):
-            loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+        for idx in torch.tensor_split(perm, min(args.critic_minibatches, most)):
             critic_opt.zero_grad()
-            loss.backward()
+            if len(idx) > 0:  # (only under torchrun can a rank's minibatch be empty: it then adds nothing)
+                loss = ((critic(states[idx]) - targets[idx]) ** 2).mean()
+                loss.backward()
+            distributed.average_gradients(critic, weight=len(idx))  # [distributed] the mean over all ranks' samples
             nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             critic_opt.step()
     return loss.item()
 
 
 @torch.no_grad()
-def soft_update(target: nn.Module, source: nn.Module, alpha: float):
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
     for tp, sp in zip(target.parameters(), source.parameters()):
-        tp.lerp_(sp, 1 - alpha)  # tp = alpha * tp + (1 - alpha) * sp
+        tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
 def evaluate(task, renderer, actor, args, capture_video: bool = False):
@@ -430,7 +457,7 @@ if __name__ == "__main__":
         critic_opt.load_state_dict(checkpoint["critic_opt"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         set_rng_state(checkpoint["rng"])
-        task.generator.set_state(checkpoint["task_rng"])
+        task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
@@ -444,7 +471,7 @@ if __name__ == "__main__":
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.generator.get_state(), "args": vars(args),
+            "task_rng": task.rng_state(), "args": vars(args),
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
@@ -501,7 +528,7 @@ if __name__ == "__main__":
             targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
             valid &= torch.isfinite(targets)
             critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
-            soft_update(target_critic, critic, args.target_alpha)
+            soft_update(target_critic, critic, 1 - args.target_alpha)  # SHAC: keep alpha of the target
             critic_s = time.perf_counter() - start
 
             # Bookkeeping and the resets of ended envs, at the window boundary.

@@ -7,7 +7,8 @@
 
 dflex simulates the ground with penalty contacts at 16 (hopper, ant) or 48 (humanoid) substeps; our tasks use
 Genesis's constraint contacts at 2 substeps, whose softness is `constraint_timeconst` (Genesis floors it at twice the
-substep, so its default 0.01 s acts as 1/60 s at 2 substeps). For each task and setting, in a process of its own
+substep, so its default 0.01 s acts as 1/60 s at 2 substeps; the settings start from it, also for the hopper, whose
+task default is 0.1 s). For each task and setting, in a process of its own
 (a setting is a new scene, and fp64 a new Genesis):
 - the actor gradient of one SHAC window (`dva_locomotion.rollout_window`, the script's own loss with a target
   critic, then `task.backward`) for each horizon and seed: its norm, and the norms' spread over seeds (the seed
@@ -84,8 +85,10 @@ def build(task_name: str, setting: dict, num_envs: int):
     from common import locomotion
 
     cls = {"hopper": locomotion.HopperTask, "ant": locomotion.AntTask, "humanoid": locomotion.HumanoidTask}[task_name]
+    # every setting starts from Genesis's stiff default contacts (0.01 s), whatever the task's own default
+    rigid_options = {"constraint_timeconst": 0.01, **setting.get("rigid_options", {})}
     return cls(num_envs, torch.device("cpu"), image_size=None, seed=0, precision=setting.get("precision", "32"),
-               substeps=setting.get("substeps"), rigid_options=setting.get("rigid_options"))
+               substeps=setting.get("substeps"), rigid_options=rigid_options)
 
 
 def networks(task, checkpoint):
@@ -124,7 +127,7 @@ def start_states(task, actor, obs_rms, seed: int, settle_steps: int):
 def window(task, dl, args, actor, critic, obs_rms, state, seed, horizon, backward: bool):
     """The script's SHAC loss of one window from `state`, with the action noise of `seed`; with `backward`, the
     actor's gradient too. Returns (loss, gradient or None, forward seconds, backward seconds)."""
-    from common.tasks import SimulationBlowUp
+    from common.task import SimulationBlowUp
 
     args.horizon = horizon
     actor.zero_grad()

@@ -81,7 +81,7 @@ def load_checkpoint(path: str, task_name: str, size: tuple[int, int]) -> tuple[d
 
 
 def window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoint=None):
-    from common.tasks import SimulationBlowUp
+    from common.task import SimulationBlowUp
     from common.utils import FrameStack, RunningMeanStd
 
     torch.manual_seed(seed)

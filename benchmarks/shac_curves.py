@@ -3,10 +3,10 @@
     python dva_locomotion.py --task hopper --obs state --max-minutes 35 --eval-every 100 > hopper.log
     python benchmarks/shac_curves.py "hopper=hopper.log=<the command>" "ant=ant.log=<the command>"
 
-Each argument is TASK=LOG=COMMAND. Reads the script's "eval at iter ..." and "iter ..." lines and writes
+Each argument is NAME=LOG=COMMAND, NAME a task or a task and a label (hopper_timeconst0.1). Reads the script's "eval at iter ..." and "iter ..." lines and writes
 results/state_shac_3d_cpu.json (evaluations, the median seconds per iteration from iteration 20 on, the mean idle
 fraction, the command) and .png (eval return against iterations and minutes). The experts' returns are read off the
-paper's distillation figure.
+paper's distillation figure. Runs already in the JSON file and not given again are kept.
 """
 import json
 import re
@@ -30,7 +30,7 @@ def read_log(path: str, command: str, task: str) -> dict:
     return dict(command=command, evals=evals,
                 seconds_per_iteration_median=float(np.median(steady)) if steady else None,
                 idle_fraction_mean=float(np.mean([f for _, _, f in iters])) if iters else None,
-                paper_expert=PAPER[task])
+                paper_expert=PAPER[task.split("_")[0]])
 
 
 def plot(out: dict, path: Path):
@@ -55,13 +55,15 @@ def plot(out: dict, path: Path):
 
 
 if __name__ == "__main__":
-    if not sys.argv[1:] or any(arg.count("=") < 2 or arg.split("=")[0] not in PAPER for arg in sys.argv[1:]):
-        sys.exit("error: give TASK=LOG=COMMAND arguments, TASK one of hopper, ant, humanoid")
-    out = {}
+    if not sys.argv[1:] or any(arg.count("=") < 2 or arg.split("=")[0].split("_")[0] not in PAPER
+                               for arg in sys.argv[1:]):
+        sys.exit("error: give NAME=LOG=COMMAND arguments, NAME hopper, ant or humanoid, or one of them _label")
+    json_path = ROOT / "results/state_shac_3d_cpu.json"
+    out = json.loads(json_path.read_text()) if json_path.exists() else {}
     for arg in sys.argv[1:]:
         task, path, command = arg.split("=", 2)
         out[task] = read_log(path, command, task)
-    (ROOT / "results/state_shac_3d_cpu.json").write_text(json.dumps(out, indent=1))
+    json_path.write_text(json.dumps(out, indent=1))
     plot(out, ROOT / "results/state_shac_3d_cpu.png")
     for task, d in out.items():
         best = max(d["evals"], key=lambda e: e["eval_return"], default=None)

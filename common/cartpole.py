@@ -1,6 +1,6 @@
 """Cart-pole swing-up on Genesis: a batch of differentiable envs with a fixed camera per env.
 
-The task API that every script uses (`common.tasks.Task`; the locomotion tasks follow it too):
+The task API that every script uses (`common.task.Task`; the locomotion tasks follow it too):
 
     task = make_task("cartpole", num_envs, device, image_size=(H, W))   # common/tasks.py
     task.reset()                       # all envs to a random start; cuts the gradient tape
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.genesis_setup import check_camera_width, init_genesis
-from common.tasks import Task
+from common.task import Task
 
 ASSET = Path(__file__).parent / "assets" / "cartpole.xml"
 

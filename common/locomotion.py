@@ -1,6 +1,6 @@
 """Hopper, ant and humanoid on Genesis: batches of differentiable envs with a camera that follows each torso.
 
-The same API as `common.cartpole.CartpoleTask` (`common.tasks.Task`), so the D.Va loop runs on them unchanged:
+The same API as `common.cartpole.CartpoleTask` (`common.task.Task`), so the D.Va loop runs on them unchanged:
 
     task = make_task("hopper", num_envs, device, image_size=(64, 64))   # common/tasks.py
     reward, terminated, truncated = task.step(actions)   # actions (N, act_dim) in [-1, 1], differentiable
@@ -27,7 +27,7 @@ import torch
 
 from common.diff_render import quat_to_matrix
 from common.genesis_setup import check_camera_width, init_genesis, low_poly_visuals
-from common.tasks import Task
+from common.task import Task
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -302,6 +302,7 @@ class HopperTask(LocomotionTask):
     motor_joints = ("thigh_joint", "leg_joint", "foot_joint")
     strengths = (200.0, 200.0, 200.0)
     friction = 0.9
+    constraint_timeconst = 0.1  # softened contacts: a smooth window loss that SHAC's gradient follows (docs/tasks.md)
     camera_offset = (0.0, -2.2, 0.75)
     camera_lookat_z = 0.8
     critic_obs_dim = 11

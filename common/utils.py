@@ -107,10 +107,18 @@ def apply_saved_args(args, saved: dict, explicit: set[str], shape_args: tuple[st
     """Continue a run with the settings it was saved with: every saved argument replaces the command line's, except
     the flags given on purpose (`explicit`). The shape arguments always come from the checkpoint (the networks must
     be rebuilt as they were saved); --resume and --eval-only always from the command line. Call finalize_args after
-    this, so that defaults which depend on other flags are filled from the settings the run really uses."""
+    this, so that defaults which depend on other flags are filled from the settings the run really uses.
+    A shape argument given on the command line with another value than the checkpoint's is a ValueError (a task
+    or a network the checkpoint cannot fill), not silently replaced."""
     fields = {field.name for field in dataclasses.fields(args)}
     for key, value in saved.items():
-        if key in fields and key not in ("resume", "eval_only") and (key in shape_args or key not in explicit):
+        if key not in fields or key in ("resume", "eval_only"):
+            continue
+        if key in shape_args and key in explicit and getattr(args, key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(args, key)}: the checkpoint was saved with {flag} {value}, "
+                             f"which its networks need; leave {flag} out")
+        if key in shape_args or key not in explicit:
             setattr(args, key, value)
     return args
 
@@ -126,9 +134,13 @@ def load_checkpoint(args, args_class, shape_args: tuple[str, ...]) -> dict | Non
         sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        apply_saved_args(args, checkpoint["args"], explicit_flags(sys.argv[1:], args_class), shape_args)
+        saved = dict(checkpoint["args"])
     except Exception as error:  # a truncated or foreign file
         sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
+    try:
+        apply_saved_args(args, saved, explicit_flags(sys.argv[1:], args_class), shape_args)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     return checkpoint
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.locomotion import LocomotionTask  # noqa: E402
-from common.tasks import SimulationBlowUp  # noqa: E402
+from common.task import SimulationBlowUp  # noqa: E402
 
 END_CALL, ABORT_CALL = 6, 8
 real_step = LocomotionTask.step

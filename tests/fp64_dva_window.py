@@ -89,25 +89,25 @@ def first_done(dones: torch.Tensor) -> list[int]:
     return [int(dones[:, i].nonzero()[0]) for i in range(dones.shape[1])]
 
 
-def shac_loss_by_hand(task, actions, critic, obs_rms, horizon: int, gamma: float):
-    """Replay `actions` from the same start with plain task.step calls and write SHAC's actor loss out env by env:
+def shac_loss_by_hand(task, act, critic, obs_rms, horizon: int, gamma: float):
+    """SHAC's actor loss written out env by env with plain task.step calls from the task's current state, `act(t)`
+    giving step t's action (the actor on the current state, or a replay of recorded actions):
     -(sum_t gamma^t r_t + gamma^(k+1) V'(s_(k+1))) / (H N) over each env's steps up to the one, k, at which its
     return closes: its termination (no bootstrap), its time limit, or the window's last step.
-    Returns (loss, the closing step per env)."""
-    start_window(task)
+    Returns (loss, differentiable where the actions are; the closing step per env)."""
     n = task.num_envs
     total, acc, closed_at = 0.0, [0.0] * n, [None] * n
     for t in range(horizon):
-        reward, terminated, truncated = task.step(actions[t].detach())
+        reward, terminated, truncated = task.step(act(t))
         value = critic(obs_rms.normalize(task.critic_obs()))
         for i in range(n):
             if closed_at[i] is not None:
                 continue
-            acc[i] += gamma**t * reward[i].item()
+            acc[i] = acc[i] + gamma**t * reward[i]
             if terminated[i]:
                 total, closed_at[i] = total + acc[i], t
             elif truncated[i] or t == horizon - 1:
-                total, closed_at[i] = total + acc[i] + gamma ** (t + 1) * value[i].item(), t
+                total, closed_at[i] = total + acc[i] + gamma ** (t + 1) * value[i], t
     return -total / (horizon * n), closed_at
 
 
@@ -123,7 +123,8 @@ def main():
     actor.zero_grad()
     task.backward(loss)  # as the script back-propagates
     autograd = [params[name].grad[idx].item() for name, idx in CHECKED]
-    hand_loss, hand_closed_at = shac_loss_by_hand(task, actions, critic, obs_rms, H, ARGS.gamma)
+    start_window(task)  # the same start, replayed with the same actions
+    hand_loss, hand_closed_at = shac_loss_by_hand(task, lambda t: actions[t].detach(), critic, obs_rms, H, ARGS.gamma)
 
     eps, fd = 1e-5, []
     for name, idx in CHECKED:
@@ -138,7 +139,7 @@ def main():
                 p[idx] = original
         fd.append((values[0] - values[1]) / (2 * eps))
     task.cut_graph()
-    print(json.dumps({"loss": loss.item(), "hand_loss": hand_loss, "closed_at": first_done(dones),
+    print(json.dumps({"loss": loss.item(), "hand_loss": float(hand_loss), "closed_at": first_done(dones),
                       "hand_closed_at": hand_closed_at, "autograd": autograd, "fd": fd,
                       "params": [f"{name}{list(idx)}" for name, idx in CHECKED]}))
 

@@ -1,5 +1,6 @@
 """Helpers for the tests that run a training script as a user does: in a subprocess, reading its TensorBoard log."""
 
+import os
 import re
 import subprocess
 import sys
@@ -8,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(name, args, cwd, timeout=600):
+def run_script(name, args, cwd, timeout=600, env=None):
+    """`python NAME ARGS` in `cwd`; `env`: variables to set on top of this process's."""
     return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
 
 
 def scalars(run_dir):

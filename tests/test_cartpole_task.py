@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.cartpole import cartpole_reward, wrap_angle
+from gradient_checks import gradient_error
 
 
 def test_wrap_angle_at_plus_minus_pi():
@@ -103,47 +104,21 @@ def test_camera_sees_the_cart_move(task):
     assert up_row < 14 and down_row > 18  # the upright pole is drawn above the rail, the hanging one below
 
 
-def window_loss(task, qpos, qvel, actions):
-    """Sum of rewards over the window, each env's stopping at its termination (as in the D.Va loss)."""
-    task.set_state(qpos, qvel)
-    alive = torch.ones(task.num_envs, dtype=torch.bool)
-    loss = torch.zeros((), dtype=torch.float64)
-    for t in range(actions.shape[0]):
-        reward, terminated, _ = task.step(actions[t].unsqueeze(-1))
-        loss = loss + torch.where(alive, reward, 0.0).double().sum()
-        alive = alive & ~terminated
-    return loss
-
-
 def test_gradient_matches_finite_differences_with_a_termination(task):
-    """d(sum of rewards over 10 steps)/d(actions), autograd through Genesis vs central differences (fp32)."""
+    """d(sum of rewards over 10 steps)/d(actions), autograd through Genesis vs central differences (fp32) entry by
+    entry (along random directions they are 2-5x noisier here, across the termination)."""
     steps = 10
     # Env 1 starts near the track's end moving outwards: it terminates at step 5 (|x| > 2.5).
     qpos = torch.tensor([[0.3, -2.8], [2.3, 0.2], [-0.5, 0.1], [0.0, 3.0]])
     qvel = torch.tensor([[0.5, 1.0], [3.0, 0.0], [-0.2, -0.5], [0.0, 0.3]])
-    actions = 0.05 * torch.randn(steps, 4, generator=torch.Generator().manual_seed(0))
-
-    a = actions.clone().requires_grad_(True)
-    loss = window_loss(task, qpos, qvel, a)
-    task.backward(loss)
-    grad = a.grad.clone()
-
-    eps = 1e-2
-    fd = torch.zeros_like(actions)
-    with torch.no_grad():
-        for t in range(steps):
-            for i in range(4):
-                plus, minus = actions.clone(), actions.clone()
-                plus[t, i] += eps
-                minus[t, i] -= eps
-                fd[t, i] = (window_loss(task, qpos, qvel, plus) - window_loss(task, qpos, qvel, minus)) / (2 * eps)
-    task.cut_graph()
+    actions = 0.05 * torch.randn(steps, 4, 1, generator=torch.Generator().manual_seed(0))
+    rel_err, grad = gradient_error(task, qpos, qvel, actions, eps=1e-2, directions=None)
 
     with torch.no_grad():  # where env 1 ended, by replaying the window
         task.set_state(qpos, qvel)
-        ended_at = next(t for t in range(steps) if task.step(actions[t].unsqueeze(-1))[1][1])
+        ended_at = next(t for t in range(steps) if task.step(actions[t])[1][1])
     assert 2 <= ended_at <= steps - 3, "the test window must contain env 1's termination"
-    assert (grad[ended_at + 1 :, 1] == 0).all(), "post-termination steps must contribute exactly zero gradient"
+    assert (grad[ended_at + 1 :, 1] == 0).all(), "post-termination steps must contribute exactly zero"
     assert grad[: ended_at + 1, 1].abs().min() > 0
-    rel_err = ((grad - fd).norm() / fd.norm()).item()
     assert rel_err <= 1e-3, f"relative error {rel_err:.2e}"
+    task.reset()

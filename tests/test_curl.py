@@ -231,8 +231,6 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
 
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
-    (["--image-size", "14"], "--image-size"),
-    (["--alpha-lr", "-1"], "--alpha-lr must be > 0"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dreamerv3
-from script_helpers import assert_choice_refused, assert_one_clear_error, run_script, scalars
+from script_helpers import assert_one_clear_error, run_script, scalars
 
 # A model small enough for seconds per run: 16 px images (2 conv stages), 4 x 4 latents, widths 16, batches of 2 x 8.
 TINY = ["--num-envs", "2", "--image-size", "16", "--batch-size", "2", "--batch-length", "8", "--buffer-size", "400",
@@ -327,14 +327,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
 
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs must be >= 1"),
-    (["--image-size", "24"], "--image-size/--image-width"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-    (["--imag-horizon", "1"], "--imag-horizon"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
-
-
-def test_unknown_task_is_refused(tmp_path):
-    assert_choice_refused(run(["--task", "walker"], tmp_path, timeout=120), tmp_path, "--task", "walker")

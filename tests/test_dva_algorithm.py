@@ -14,7 +14,8 @@ import tyro
 
 from common.encoder import Encoder
 from common.utils import FrameStack, RunningMeanStd, apply_saved_args, explicit_flags
-from dva_cartpole import Actor, Critic, rollout_window, td_lambda_targets
+from dva_cartpole import Actor, Critic, rollout_window
+import fp64_dva_window as fw
 
 
 def lambda_return_by_definition(rewards, next_values, dones, gamma, lam, t):
@@ -29,7 +30,9 @@ def lambda_return_by_definition(rewards, next_values, dones, gamma, lam, t):
     return (1 - lam) * sum(lam ** (n - 1) * n_step(n) for n in range(1, m)) + lam ** (m - 1) * n_step(m)
 
 
-def test_td_lambda_targets_match_the_definition():
+@pytest.mark.parametrize("script", ["dva_cartpole", "dva_locomotion", "shac_diffrender"])
+def test_td_lambda_targets_match_the_definition(script):
+    td_lambda_targets = importlib.import_module(script).td_lambda_targets  # each script's own copy
     gen = torch.Generator().manual_seed(0)
     h, n, gamma, lam = 9, 3, 0.97, 0.9
     rewards = torch.randn(h, n, generator=gen, dtype=torch.float64)
@@ -83,11 +86,6 @@ def test_encoder_shapes():
 
 
 # ------------------------------------------------------------------------------------------- gradient paths
-ARGS = SimpleNamespace(horizon=8, gamma=0.99, frame_stack=3)
-QPOS = torch.tensor([[0.3, -2.8], [2.3, 0.2], [-0.5, 0.1], [0.0, 3.0]])  # env 1 leaves the track in the window
-QVEL = torch.tensor([[0.5, 1.0], [3.0, 0.0], [-0.2, -0.5], [0.0, 0.3]])
-
-
 def make_nets(task, pixels, seed=0):
     torch.manual_seed(seed)
     obs_shape = (9, *task.image_size) if pixels else (task.critic_obs_dim,)
@@ -98,15 +96,13 @@ def make_nets(task, pixels, seed=0):
     return actor, critic, obs_rms
 
 
-def start_window(task, pixels, truncate_env=None):
-    task.set_state(QPOS, QVEL)
-    if truncate_env is not None:
-        task.progress[truncate_env] = task.max_episode_length - 3  # its time limit falls inside the window
+def start_window(task, pixels):
+    """fp64_dva_window.py's start (env 1 leaves the track inside the window, env 2 reaches its time limit), with the
+    frame stack of its first images."""
+    episode = fw.start_window(task)
     frames = FrameStack(3)
     if pixels:
         frames.reset(task.render())
-    episode = {k: torch.zeros(task.num_envs, dtype=dt)
-               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
     return frames, episode
 
 
@@ -126,11 +122,11 @@ class ActionCut(nn.Module):
 
 
 def actor_grads(task, actor, critic, obs_rms, pixels, cut):
-    frames, episode = start_window(task, pixels, truncate_env=2)
+    frames, episode = start_window(task, pixels)
     actor.zero_grad()
     torch.manual_seed(123)  # the same exploration noise in both rollouts
     policy = ActionCut(actor) if cut else actor
-    args = SimpleNamespace(**vars(ARGS), obs="pixels" if pixels else "state")
+    args = SimpleNamespace(**{**vars(fw.ARGS), "obs": "pixels" if pixels else "state"})
     loss, _, _ = rollout_window(task, policy, critic, obs_rms, frames, args, episode)
     task.backward(loss)
     for action, leaf in getattr(policy, "pairs", []):
@@ -154,36 +150,14 @@ def test_dva_gradient_reaches_the_actor_only_through_its_actions(task):
     assert (full - through_actions).norm() > 1e-3 * full.norm()
 
 
-def reference_shac_loss(task, actor, critic, obs_rms, horizon, gamma):
-    """SHAC's actor loss written out env by env, as in DiffRL's compute_actor_loss (an env that ends stops
-    contributing: early termination bootstraps on 0, a time limit or the window's end on the target critic)."""
-    n = task.num_envs
-    rew_acc, disc, alive, terms = [0.0] * n, [1.0] * n, [True] * n, []
-    for t in range(horizon):
-        action = actor(obs_rms.normalize(task.critic_obs()))
-        reward, terminated, truncated = task.step(action)
-        value = critic(obs_rms.normalize(task.critic_obs()))
-        for i in range(n):
-            if not alive[i]:
-                continue
-            rew_acc[i] = rew_acc[i] + disc[i] * reward[i]
-            if terminated[i]:
-                terms.append(-rew_acc[i])
-                alive[i] = False
-            elif truncated[i] or t == horizon - 1:
-                terms.append(-(rew_acc[i] + gamma * disc[i] * value[i]))
-                alive[i] = not truncated[i]
-            disc[i] = disc[i] * gamma
-    return sum(terms) / (horizon * n)
-
-
 def test_state_mode_gradient_equals_shac(task):
     actor, critic, obs_rms = make_nets(task, pixels=False)
     ours, _ = actor_grads(task, actor, critic, obs_rms, pixels=False, cut=False)
-    start_window(task, pixels=False, truncate_env=2)
+    start_window(task, pixels=False)
     actor.zero_grad()
-    torch.manual_seed(123)
-    loss = reference_shac_loss(task, actor, critic, obs_rms, ARGS.horizon, ARGS.gamma)
+    torch.manual_seed(123)  # the exploration noise of actor_grads' rollout
+    loss, _ = fw.shac_loss_by_hand(task, lambda t: actor(obs_rms.normalize(task.critic_obs())), critic, obs_rms,
+                                   fw.ARGS.horizon, fw.ARGS.gamma)
     task.backward(loss)
     reference = torch.cat([p.grad.flatten() for p in actor.parameters()])
     assert reference.norm() > 0
@@ -249,6 +223,11 @@ def test_resumed_run_takes_the_saved_settings_unless_a_flag_is_given(script, tmp
 
     assert resumed(["--resume", ckpt]) == {**saved, "resume": ckpt}
     assert resumed(["--eval-only", ckpt]) == {**saved, "eval_only": ckpt}
-    # A flag given on purpose wins, even at its default value; the networks' shapes stay the checkpoint's.
-    assert resumed(["--resume", ckpt, "--max-iters", "9", "--seed", "1", "--frame-stack", "5"]) == {
+    # A flag given on purpose wins, even at its default value; a shape flag may repeat the checkpoint's value, and
+    # another value is refused, naming both.
+    frame_stack = saved.get("frame_stack", 3)
+    assert resumed(["--resume", ckpt, "--max-iters", "9", "--seed", "1", "--frame-stack", str(frame_stack)]) == {
         **saved, "max_iters": 9, "seed": 1, "resume": ckpt}
+    if "frame_stack" in module.SHAPE_ARGS:
+        with pytest.raises(ValueError, match=f"--frame-stack 5: the checkpoint was saved with --frame-stack {frame_stack}"):
+            resumed(["--resume", ckpt, "--frame-stack", "5"])

@@ -22,9 +22,9 @@ import dva_cartpole as dc
 import dva_locomotion as dl
 import shac_diffrender as sd
 from common.cartpole import CartpoleTask
-from common.tasks import SimulationBlowUp
+from common.task import SimulationBlowUp
 from common.utils import FrameStack
-from fp64_dva_window import (ARGS, TERMINATE_ENV, TRUNCATE_AFTER, TRUNCATE_ENV, first_done, make_agent, new_episode,
+from fp64_dva_window import (ARGS, TERMINATE_ENV, TRUNCATE_AFTER, TRUNCATE_ENV, first_done, make_agent,
                              start_window, window)
 from script_helpers import scalars
 
@@ -94,11 +94,10 @@ def two_windows(task, actor, critic, obs_rms, evaluate: bool):
     loss, *_ = dc.rollout_window(task, actor, critic, obs_rms, FrameStack(3), ARGS, episode)
     actor.zero_grad()
     task.backward(loss)
-    task.reset(episode["ended"].nonzero().flatten())  # the loop's boundary
+    dc.window_boundary(task, episode)  # the loop's boundary
     if evaluate:
         dc.evaluate(task, actor, obs_rms, SimpleNamespace(**vars(ARGS), capture_video=False))
     torch.manual_seed(2)
-    episode = new_episode(task.num_envs)
     loss, *_ = dc.rollout_window(task, actor, critic, obs_rms, FrameStack(3), ARGS, episode)
     actor.zero_grad()
     task.backward(loss)

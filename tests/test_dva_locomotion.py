@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dva_locomotion as dl
-from common.tasks import SimulationBlowUp
+from common.task import SimulationBlowUp
 from script_helpers import (ROOT, assert_choice_refused, assert_one_clear_error, failed_cleanly, run_script,
                             scalars)
 
@@ -126,7 +126,7 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
     assert re.search(r"iter 2/\d+ +return", out.stdout)
     if task == "hopper":
         # Resume continues the count with the saved settings (2 envs, H = 4, 5 eval steps: none of them given
-        # again), except the flags given with it; eval-only takes the task and shapes from the checkpoint.
+        # again), except the flags given with it.
         out = run(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
@@ -135,7 +135,11 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
                                  "resume": str(run_dir / "checkpoint.pt")}
         lr = scalars(run_dir).Scalars("charts/learning_rate")[-1]
         assert lr.step == 3 * 2 * 4 and lr.value == pytest.approx(dl.linear_lr(2e-3, 1e-5, 2, 3), rel=1e-6)
+        # eval-only takes the task and the shapes from the checkpoint; another task given with it is refused
         out = run(["--task", "ant", "--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
+        assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+            "error: --task ant: the checkpoint was saved with --task hopper, which its networks need; leave --task out"]
+        out = run(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "eval over 2 episodes" in out.stdout
         assert re.search(r"mean return -?[\d.]+, forward velocity -?[\d.]+ m/s", out.stdout)
@@ -144,7 +148,6 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
-    (["--target-alpha", "1.5"], "--target-alpha"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 from dva_cartpole import linear_lr
-from script_helpers import assert_choice_refused, assert_one_clear_error, failed_cleanly, run_script, scalars
+from script_helpers import assert_one_clear_error, failed_cleanly, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
@@ -14,8 +14,8 @@ TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "chart
         "time/backward_s", "time/critic_s", "time/iteration_s"]
 
 
-def run(args, cwd, timeout=600):
-    return run_script("dva_cartpole.py", args, cwd, timeout)
+def run(args, cwd, timeout=600, env=None):
+    return run_script("dva_cartpole.py", args, cwd, timeout, env)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +112,7 @@ def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--num-envs", "0"], "--num-envs"),
-    (["--horizon", "0"], "--horizon"),
-    (["--image-size", "7"], "--image-size"),
-    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
-    (["--lam", "-0.1"], "--lam must be in [0, 1]"),
-    (["--actor-lr", "-1e-3"], "--actor-lr must be > 0"),
-    (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--betas", "0.9", "1.5"], "--betas must be in [0, 1]"),
-    (["--critic-minibatches", "0"], "--critic-minibatches must be >= 1"),
-    (["--actor-hidden", "64", "0"], "--actor-hidden must be >= 1"),
-    (["--max-minutes", "-5"], "--max-minutes must be >= 0"),
     (["--resume", "no/such/checkpoint.pt"], "--resume"),
-    (["--eval-only", "missing.pt"], "--eval-only"),
     # Genesis's Rasterizer aborts the process on widths that are not a multiple of 4: refused up front
     (["--renderer", "rasterizer", "--image-size", "32", "--image-width", "70"], "not a multiple of 4"),
 ])
@@ -132,16 +120,13 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
 
 
-@pytest.mark.parametrize("flag, value", [("--device", "tpu"), ("--renderer", "opengl"), ("--obs", "depth")])
-def test_a_bad_choice_is_refused_by_tyro(tmp_path, flag, value):
-    assert_choice_refused(run([flag, value], tmp_path, timeout=120), tmp_path, flag, value)
-
-
 def test_state_shac_learns_swing_up(tmp_path):
     """Learning, not just running: state SHAC swings the pole up within 250 iterations (about 3 minutes here;
     measured 1824 / success 1.00 with seed 1). A policy that does nothing scores about 30; balancing from the start
-    would score 2400; the bound is 90 % of the 500-iteration reference, 1821."""
-    out = run(["--obs", "state", "--num-envs", "32", "--max-iters", "250", "--eval-every", "0"], tmp_path)
+    would score 2400; the bound is 90 % of the 500-iteration reference, 1821. In Genesis's performance mode, as a
+    user runs it (one scene size: its compilation pays)."""
+    out = run(["--obs", "state", "--num-envs", "32", "--max-iters", "250", "--eval-every", "0"], tmp_path,
+              env={"DVA_PERFORMANCE_MODE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     ret, success = map(float, re.findall(r"return (-?[\d.]+), success ([\d.]+)", out.stdout)[-1])
     assert ret > 1639 and success >= 0.9, out.stdout[-2000:]

@@ -72,3 +72,13 @@ def test_a_script_copied_with_the_readmes_files_trains_in_an_empty_folder(tmp_pa
                           "--log-every", "1"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(list(project.glob("runs/*/checkpoint.pt"))) == 1
+
+
+def test_the_task_base_imports_no_task():
+    """common/ imports form a chain, base <- cartpole/locomotion <- make_task <- scripts: the base alone pulls in
+    no task module (and no make_task)."""
+    code = ("import sys; import common.task; "
+            "print(sorted(m for m in ('common.tasks', 'common.cartpole', 'common.locomotion') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"], out.stdout

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shac_diffrender as sd
-from script_helpers import assert_choice_refused, assert_one_clear_error, run_script, scalars
+from script_helpers import assert_one_clear_error, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "3", "--image-size", "24", "--frame-stack", "2", "--critic-iterations", "1",
         "--eval-steps", "5", "--log-every", "1"]
@@ -113,12 +113,7 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(name, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [
     (["--num-envs", "0"], "--num-envs"),
-    (["--horizon", "0"], "--horizon"),
     (["--eval-only", "no/such/checkpoint.pt"], "--eval-only"),
 ])
 def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
-
-
-def test_unknown_task(tmp_path):
-    assert_choice_refused(run(["--task", "walker"], tmp_path, timeout=120), tmp_path, "--task", "walker")
