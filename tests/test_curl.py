@@ -237,19 +237,6 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, flags, words):
     assert_one_clear_error(run(flags, tmp_path, timeout=120), tmp_path, words)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(encoder_tau=1.5), "--encoder-tau must be in [0, 1]"),
-    (dict(gamma=float("nan")), "--gamma must be in [0, 1]"),
-    (dict(batch_size=1), "--batch-size"),
-    (dict(image_width=70, crop_margin=0), "multiple of 4"),
-    (dict(num_envs=16, buffer_size=64), "--buffer-size"),
-    (dict(eval_only="missing.pt"), "--eval-only"),
-])
-def test_finalize_args_rejects(overrides, words):
-    with pytest.raises(ValueError, match=re.escape(words)):
-        curl.finalize_args(curl.Args(**overrides))
-
-
 def test_default_crop_margin_scales_with_the_image_and_keeps_the_width_a_multiple_of_4():
     assert curl.finalize_args(curl.Args()).crop_margin == 16  # CURL: 100 -> 84
     args = curl.finalize_args(curl.Args(image_size=32, image_width=64))
