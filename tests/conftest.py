@@ -3,7 +3,9 @@
 The scenes are built on the CPU, or on the device named by DVA_TEST_DEVICE: benchmarks/gpu_check.py runs the
 gradient tests on CUDA that way, with no camera (those tests render nothing)."""
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +47,12 @@ def ant():
 @pytest.fixture(scope="session")
 def humanoid():
     return _locomotion("humanoid")
+
+
+@pytest.fixture(scope="session")
+def fp64_checks():
+    """The fp64 gradient checks, run once in a process of their own (tests/fp64_gradients.py): their JSON."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "fp64_gradients.py")], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

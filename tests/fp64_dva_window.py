@@ -1,7 +1,8 @@
 """dva_cartpole.py's window in fp64, for test_dva_gradients.py (Genesis runs one precision per process and the pytest
 process runs fp32, where finite differences at the 1000 N scale are a few per cent off).
 
-Run as a script, it builds a 3-env fp64 cart-pole and prints one JSON line: the actor loss of one window of
+`window_check()` (run by fp64_gradients.py, in the suite's one fp64 process; or this file run as a script, which
+prints its result as one JSON line) builds a 3-env fp64 cart-pole and returns: the actor loss of one window of
 `rollout_window` (state mode), SHAC's loss written out by hand from a plain re-simulation of the same actions, the
 step at which each env's return closed, and the gradient of the loss w.r.t. a few actor parameters by autograd
 (`task.backward`, as the script) and by central finite differences. As a module, it is the set-up that the fp32
@@ -111,7 +112,7 @@ def shac_loss_by_hand(task, act, critic, obs_rms, horizon: int, gamma: float):
     return -total / (horizon * n), closed_at
 
 
-def main():
+def window_check() -> dict:
     from common.cartpole import CartpoleTask
 
     task = CartpoleTask(3, torch.device("cpu"), image_size=None, precision="64", seed=0)
@@ -139,10 +140,10 @@ def main():
                 p[idx] = original
         fd.append((values[0] - values[1]) / (2 * eps))
     task.cut_graph()
-    print(json.dumps({"loss": loss.item(), "hand_loss": float(hand_loss), "closed_at": first_done(dones),
-                      "hand_closed_at": hand_closed_at, "autograd": autograd, "fd": fd,
-                      "params": [f"{name}{list(idx)}" for name, idx in CHECKED]}))
+    return {"loss": loss.item(), "hand_loss": float(hand_loss), "closed_at": first_done(dones),
+            "hand_closed_at": hand_closed_at, "autograd": autograd, "fd": fd,
+            "params": [f"{name}{list(idx)}" for name, idx in CHECKED]}
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(window_check()))

@@ -1,7 +1,13 @@
-"""Helpers for the tests that run a training script as a user does: in a subprocess, reading its TensorBoard log."""
+"""Helpers for the tests that run a training script as a user does (in a subprocess, or inside the test's process
+where the process itself is not what is tested), reading its TensorBoard log."""
 
+import contextlib
+import gc
+import io
 import os
 import re
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +19,58 @@ def run_script(name, args, cwd, timeout=600, env=None):
     """`python NAME ARGS` in `cwd`; `env`: variables to set on top of this process's."""
     return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=None if env is None else {**os.environ, **env})
+
+
+def run_here(name, args, cwd, timeout=600, episode_length=None):
+    """`python NAME ARGS` in `cwd`, run inside this process: the same exit code, printed lines and files as
+    `run_script`, without a process's start-up (the imports, Genesis's kernels: 10-20 s a run on 2 cores).
+    `episode_length`: the tasks' episodes end after this many steps (a test's runs need not last 240 or 1000 steps
+    for one to end). For what a process alone shows (a signal, one error line from tyro), use `run_script`."""
+    from common.task import Task
+
+    tasks = [cls for cls in _subclasses(Task) if "max_episode_length" in vars(cls)]
+
+    def out_of_time(signum, frame):
+        raise subprocess.TimeoutExpired([name, *args], timeout)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+    saved = (sys.argv, os.getcwd(), {s: signal.getsignal(s) for s in signals},
+             {cls: cls.max_episode_length for cls in tasks})
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [str(ROOT / name), *map(str, args)]
+        if episode_length is not None:
+            for cls in tasks:
+                cls.max_episode_length = episode_length
+        signal.signal(signal.SIGALRM, out_of_time)
+        signal.alarm(timeout)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(ROOT / name), run_name="__main__")
+    except SystemExit as exit_:  # as Python ends a process: a message goes to stderr with status 1
+        if isinstance(exit_.code, int) or exit_.code is None:
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=stderr)
+            code = 1
+    finally:
+        signal.alarm(0)
+        sys.argv, cwd_before, handlers, lengths = saved
+        os.chdir(cwd_before)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for cls, length in lengths.items():
+            cls.max_episode_length = length
+        gc.collect()  # the run's scene, as its process's end would
+    return subprocess.CompletedProcess([name, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def _subclasses(cls):
+    import common.cartpole, common.locomotion  # noqa: F401, E401  (every task class)
+
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 def scalars(run_dir):

@@ -79,6 +79,33 @@ def test_repeat_step_counts_each_env_until_it_ends(task):
     task.reset()
 
 
+def test_run_episodes_holds_each_action_and_stops_when_every_env_has_ended(task):
+    """Task.run_episodes, every script's evaluation: the policy decides every action_repeat steps (t = 0, 3, 6, ...),
+    each env's return is its rewards summed until it ends, and the episodes stop once all have ended. Full force
+    towards +x drives every cart off the track (2.5 m) within the 240 steps; the returns are checked against the same
+    starts and actions stepped by hand."""
+    decisions, push = [], torch.ones(4, 1)
+
+    def policy(t):
+        decisions.append(t)
+        return push
+
+    start = task.rng_state()
+    returns, success = task.run_episodes(policy, task.max_episode_length, action_repeat=3)
+    task.set_rng_state(start)  # the same starts, stepped by hand
+    expected, alive, steps = torch.zeros(4), torch.ones(4, dtype=torch.bool), 0
+    with torch.no_grad():
+        task.reset()
+        while alive.any():
+            reward, terminated, _ = task.step(push)
+            expected += torch.where(alive, reward, 0.0)
+            alive &= ~terminated
+            steps += 1
+    assert steps < task.max_episode_length and decisions == list(range(0, steps, 3))
+    assert torch.allclose(returns, expected) and success.tolist() == [0, 0, 0, 0]
+    task.reset()
+
+
 def test_camera_sees_the_cart_move(task):
     """The blue cart's pixel centroid moves right with x, and the images carry no gradient."""
     task.set_state(torch.tensor([[-1.5, 0.0], [0.0, 0.0], [1.5, 0.0], [0.0, -math.pi]]), torch.zeros(4, 2))

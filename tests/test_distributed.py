@@ -120,7 +120,7 @@ if __name__ == "__main__":  # one rank of the equivalence test
 # ---------------------------------------------------------------------------------------------------------- the tests
 import pytest  # noqa: E402
 
-from script_helpers import run_script, scalars  # noqa: E402
+from script_helpers import run_here, scalars  # noqa: E402
 
 
 def torchrun(args: list[str], cwd, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -195,8 +195,8 @@ def test_two_rank_run_then_resumed_by_one_process(tmp_path):
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 4 * 4
 
-    out = run_script("dva_cartpole.py", [*TINY, "--max-iters", "3", "--eval-every", "0", "--resume",
-                                         str(run_dir / "checkpoint.pt")], tmp_path)
+    out = run_here("dva_cartpole.py", [*TINY, "--max-iters", "3", "--eval-every", "0", "--resume",
+                                       str(run_dir / "checkpoint.pt")], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert resumed["world_size"] == 1 and resumed["iteration"] == 3 and resumed["global_step"] == 3 * 4 * 4

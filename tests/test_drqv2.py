@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import drqv2
-from script_helpers import assert_one_clear_error, run_script, scalars
+from script_helpers import assert_one_clear_error, run_here, run_script, scalars
 
 TINY = ["--num-envs", "2", "--image-size", "32", "--image-width", "64", "--batch-size", "8", "--buffer-size", "600",
         "--hidden-dim", "32", "--log-every", "1"]
@@ -21,6 +21,10 @@ CHECKPOINT_KEYS = ("encoder", "actor", "critic", "critic_target", "encoder_opt",
 
 def run(args, cwd, timeout=600):
     return run_script("drqv2.py", args, cwd, timeout)
+
+
+def run_in_process(args, cwd, timeout=600, episode_length=None):
+    return run_here("drqv2.py", args, cwd, timeout, episode_length)
 
 
 # ------------------------------------------------------------------------------------------------------ augmentation
@@ -172,7 +176,7 @@ def test_exploration_std_schedule():
 def trained(tmp_path_factory):
     """2 iterations that update at once (no seed steps, 1-step returns), evaluating and saving each, with video."""
     cwd = tmp_path_factory.mktemp("smoke")
-    out = run([*TINY, "--max-iters", "2", "--seed-steps", "0", "--n-step", "1", "--updates-per-step", "2",
+    out = run_in_process([*TINY, "--max-iters", "2", "--seed-steps", "0", "--n-step", "1", "--updates-per-step", "2",
                "--eval-every", "1", "--save-every", "1", "--capture-video"], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
@@ -198,28 +202,28 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
-    # 3-step returns, the buffer refilled by 8 agent steps of the loaded policy, then 1 update per step; past
-    # iteration 122 every env has finished its 240-sim-step (120-agent-step) episode. The other settings (2 envs,
+    # 3-step returns, the buffer refilled by 8 agent steps of the loaded policy, then 1 update per step; episodes of
+    # 20 sim steps here (10 agent steps): past iteration 12 every env has finished one. The other settings (2 envs,
     # batch 8, ...) are the saved ones, not given again.
-    flags = ["--max-iters", "125", "--n-step", "3", "--seed-steps", "8", "--updates-per-step", "1", "--eval-every", "0"]
-    out = run([*flags, "--resume", str(ckpt)], cwd)
+    flags = ["--max-iters", "14", "--n-step", "3", "--seed-steps", "8", "--updates-per-step", "1", "--eval-every", "0"]
+    out = run_in_process([*flags, "--resume", str(ckpt)], cwd, episode_length=20)
     assert out.returncode == 0, out.stderr[-3000:]
     after = torch.load(ckpt, weights_only=False)
-    assert after["args"] == {**before["args"], "max_iters": 125, "n_step": 3, "seed_steps": 8, "updates_per_step": 1,
+    assert after["args"] == {**before["args"], "max_iters": 14, "n_step": 3, "seed_steps": 8, "updates_per_step": 1,
                              "eval_every": 0, "resume": str(ckpt)}
-    assert after["iteration"] == 125 and after["global_step"] == 125 * 2 * 2 and after["agent_steps"] == 250
-    assert after["num_updates"] == 4 + (125 - 2) - 3  # none in the first 3 of the 4 refill iterations (8 steps)
+    assert after["iteration"] == 14 and after["global_step"] == 14 * 2 * 2 and after["agent_steps"] == 28
+    assert after["num_updates"] == 4 + (14 - 2) - 3  # none in the first 3 of the 4 refill iterations (8 steps)
     assert not torch.equal(after["actor"]["policy.4.weight"], before["actor"]["policy.4.weight"])
-    assert "iter 3/125" in out.stdout and "iter 1/" not in out.stdout
+    assert "iter 3/14" in out.stdout and "iter 1/" not in out.stdout
     acc = scalars(run_dir)
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
-    assert lengths and max(lengths) <= 240 and len(acc.Scalars("charts/episodic_return")) == len(lengths)
+    assert lengths and max(lengths) <= 20 and len(acc.Scalars("charts/episodic_return")) == len(lengths)
 
-    out = run(["--eval-only", str(ckpt)], cwd)  # with the saved settings
+    out = run_in_process(["--eval-only", str(ckpt)], cwd, episode_length=20)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval over 2 episodes" in out.stdout
     match = re.search(r"mean return (-?[\d.]+), success ([\d.]+)", out.stdout)
-    assert match and -1e5 < float(match.group(1)) < 2400
+    assert match and -1e5 < float(match.group(1)) < 200  # at most 10 per step
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 
 

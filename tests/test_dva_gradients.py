@@ -1,5 +1,5 @@
 """The gradient that the scripts' own functions produce: dva_cartpole.py's `rollout_window` loss against SHAC's loss
-written out by hand and its gradient against finite differences (fp64, in a subprocess), zero gradient after an env
+written out by hand and its gradient against finite differences (fp64, in the suite's fp64 process), zero gradient after an env
 ended, the gradient after a mid-training evaluation, and the recovery of dva_locomotion.py and shac_diffrender.py
 from a window that Genesis aborted (their window-boundary function in process, and dva_locomotion.py's real training
 loop with an injected fault).
@@ -8,11 +8,7 @@ The fp32 tests use the session's 4-env cart-pole (conftest.py) and the set-up of
 the track a few steps into the window, env 2 reaches its time limit at step 5, envs 0 and 3 run the whole window.
 """
 
-import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,9 +22,8 @@ from common.task import SimulationBlowUp
 from common.utils import FrameStack
 from fp64_dva_window import (ARGS, TERMINATE_ENV, TRUNCATE_AFTER, TRUNCATE_ENV, first_done, make_agent,
                              start_window, window)
-from script_helpers import scalars
+from script_helpers import run_here, scalars
 
-HERE = Path(__file__).resolve().parent
 H = ARGS.horizon
 
 
@@ -46,16 +41,13 @@ def check_closing_steps(closed_at, track_x=None):
 
 
 # ------------------------------------------------------------------------------------------------------ (a) fp64
-def test_window_loss_and_its_gradient_in_fp64():
+def test_window_loss_and_its_gradient_in_fp64(fp64_checks):
     """rollout_window's loss equals SHAC's loss computed by hand from a plain re-simulation of the same actions (so a
     missing bootstrap or a wrong mask fails), and its autograd gradient w.r.t. actor parameters (last layer, first
     and second hidden layers, logstd) equals central finite differences of that loss (so a cut gradient path fails).
     Measured: loss 1.5e-16 relative; gradient 1e-11 to 1.3e-10 relative on the last layer, <= 2.3e-8 (a first-layer
     weight whose entry is 1000x smaller) elsewhere; the bound is 1e-6."""
-    out = subprocess.run([sys.executable, str(HERE / "fp64_dva_window.py")], capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = fp64_checks["window"]  # fp64_dva_window.py's window_check, in the suite's fp64 process
     assert result["closed_at"] == result["hand_closed_at"]
     check_closing_steps(result["closed_at"])
     assert abs(result["loss"] - result["hand_loss"]) <= 1e-9 * abs(result["hand_loss"]), result
@@ -183,17 +175,41 @@ def test_aborted_window_restarts_every_ended_env_and_refills_its_frames(task, mo
     task.reset()
 
 
-def test_training_loop_recovers_from_an_aborted_window(tmp_path):
-    """dva_locomotion.py's own loop (hopper, state, 3 envs, H = 4) with a fault injected by fault_window_run.py: env 1
+def test_training_loop_recovers_from_an_aborted_window(tmp_path, monkeypatch):
+    """dva_locomotion.py's own loop (hopper, state, 3 envs, H = 4) with a fault injected into the task's step: env 1
     terminates at the first step of iteration 2, Genesis aborts that window at its third step with env 0 blown up.
     The window is skipped and counted in charts/nan_skips, envs 0 and 1 start the next window at step 0 while env 2
-    goes on, env 1's episode is logged once (5 steps), and training ends with finite parameters."""
-    out = subprocess.run([sys.executable, str(HERE / "fault_window_run.py"), "--task", "hopper", "--obs", "state",
-                          "--num-envs", "3", "--horizon", "4", "--max-iters", "3", "--eval-every", "0",
-                          "--eval-steps", "2", "--log-every", "1", "--actor-hidden", "16", "--critic-hidden", "16"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    goes on, env 1's episode is logged once (5 steps), and training ends with finite parameters.
+
+    Counting the step calls (the first is the warm-up step of the task's constructor, then 4 per window): call 6,
+    the first step of iteration 2, ends env 1 (it reports a termination); call 8 raises as Genesis does when a
+    simulation blows up ("... 'nan'"), with env 0's state non-finite; at call 9, the first step of the window after
+    the aborted one, the envs' episode clocks are recorded."""
+    from common.locomotion import LocomotionTask
+
+    end_call, abort_call = 6, 8
+    real_step, calls, seen = LocomotionTask.step, [0], {}
+
+    def step(self, actions):
+        calls[0] += 1
+        if calls[0] == abort_call:
+            self.finite = self.finite.clone()
+            self.finite[0] = False
+            raise SimulationBlowUp("Simulation became unstable, causing 'nan' in the state (injected)")
+        if calls[0] == abort_call + 1:
+            seen["progress_after_abort"] = self.progress.tolist()
+        reward, terminated, truncated = real_step(self, actions)
+        if calls[0] == end_call:
+            terminated = terminated.clone()
+            terminated[1] = True
+            truncated = truncated & ~terminated
+        return reward, terminated, truncated
+
+    monkeypatch.setattr(LocomotionTask, "step", step)
+    out = run_here("dva_locomotion.py", ["--task", "hopper", "--obs", "state", "--num-envs", "3", "--horizon", "4",
+                                         "--max-iters", "3", "--eval-every", "0", "--eval-steps", "2", "--log-every",
+                                         "1", "--actor-hidden", "16", "--critic-hidden", "16"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert "the simulation blew up, window skipped (1 so far)" in out.stdout
     assert seen["progress_after_abort"] == [0, 0, 6], seen  # env 2: 4 + 2 steps, it did not end
     run_dir = next((tmp_path / "runs").iterdir())

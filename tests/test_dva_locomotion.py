@@ -9,8 +9,8 @@ import torch
 
 import dva_locomotion as dl
 from common.task import SimulationBlowUp
-from script_helpers import (ROOT, assert_choice_refused, assert_one_clear_error, failed_cleanly, run_script,
-                            scalars)
+from script_helpers import (ROOT, assert_choice_refused, assert_one_clear_error, failed_cleanly, run_here,
+                            run_script, scalars)
 
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
@@ -104,9 +104,14 @@ def run(args, cwd, timeout=600):
     return run_script("dva_locomotion.py", args, cwd, timeout)
 
 
+def run_in_process(args, cwd, timeout=600):
+    return run_here("dva_locomotion.py", args, cwd, timeout)
+
+
 @pytest.mark.parametrize("task", ["hopper", "ant", "humanoid"])
 def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
-    out = run(["--task", task, *TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1"], tmp_path)
+    out = run_in_process(["--task", task, *TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1"],
+                         tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"{task}__dva_locomotion__1__")
@@ -116,23 +121,30 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
     assert len(acc.Scalars("charts/eval_forward_velocity")) == 2
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 4 and ckpt["args"]["task"] == task
+    # best.pt: the checkpoint of the best evaluation so far
+    evals = [e.value for e in acc.Scalars("charts/eval_return")]
+    best = torch.load(run_dir / "best.pt", weights_only=False)
+    assert best["iteration"] == 1 + evals.index(max(evals)) and best["best_return"] == pytest.approx(max(evals))
+    assert ckpt["best_return"] == best["best_return"]
     assert re.search(r"iter 2/\d+ +return", out.stdout)
     if task == "hopper":
         # Resume continues the count with the saved settings (2 envs, H = 4, 5 eval steps: none of them given
         # again), except the flags given with it.
-        out = run(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")], tmp_path)
+        out = run_in_process(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
+                             tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
         assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 4
+        assert after["best_return"] >= ckpt["best_return"]  # the best so far carries over
         assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
                                  "resume": str(run_dir / "checkpoint.pt")}
         lr = scalars(run_dir).Scalars("charts/learning_rate")[-1]
         assert lr.step == 3 * 2 * 4 and lr.value == pytest.approx(dl.linear_lr(2e-3, 1e-5, 2, 3), rel=1e-6)
         # eval-only takes the task and the shapes from the checkpoint; another task given with it is refused
-        out = run(["--task", "ant", "--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
+        out = run_in_process(["--task", "ant", "--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 1 and out.stderr.strip().splitlines() == [
             "error: --task ant: the checkpoint was saved with --task hopper, which its networks need; leave --task out"]
-        out = run(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
+        out = run_in_process(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "eval over 2 episodes" in out.stdout
         assert re.search(r"mean return -?[\d.]+, forward velocity -?[\d.]+ m/s", out.stdout)
@@ -151,7 +163,7 @@ def test_unknown_task_and_unreadable_checkpoint(tmp_path):
     assert_choice_refused(run(["--task", "walker"], tmp_path, timeout=120), tmp_path, "--task", "walker")
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    lines = failed_cleanly(run(["--eval-only", str(bad)], tmp_path, timeout=120), tmp_path)
+    lines = failed_cleanly(run_in_process(["--eval-only", str(bad)], tmp_path, timeout=120), tmp_path)
     assert len(lines) == 1 and lines[0].startswith("error: cannot read the checkpoint"), lines
 
 

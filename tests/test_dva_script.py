@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 from dva_cartpole import linear_lr
-from script_helpers import assert_one_clear_error, failed_cleanly, run_script, scalars
+from script_helpers import assert_one_clear_error, failed_cleanly, run_here, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
@@ -18,11 +18,15 @@ def run(args, cwd, timeout=600, env=None):
     return run_script("dva_cartpole.py", args, cwd, timeout, env)
 
 
+def run_in_process(args, cwd, timeout=600, episode_length=None):
+    return run_here("dva_cartpole.py", args, cwd, timeout, episode_length)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-iteration run with tiny settings (2 envs, H = 4) that evaluates and saves every iteration, with video."""
     cwd = tmp_path_factory.mktemp("smoke")
-    out = run([*TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1", "--capture-video"], cwd)
+    out = run_in_process([*TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1", "--capture-video"], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir, out
@@ -43,6 +47,9 @@ def test_smoke_run_writes_tags_checkpoint_and_video(trained):
     assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 4
     for key in ("actor", "critic", "target_critic", "obs_rms", "actor_opt", "critic_opt", "rng", "task_rng"):
         assert key in ckpt
+    evals = [e.value for e in acc.Scalars("charts/eval_return")]  # best.pt: the best evaluation's checkpoint
+    best = torch.load(run_dir / "best.pt", weights_only=False)
+    assert best["iteration"] == 1 + evals.index(max(evals)) and best["best_return"] == pytest.approx(max(evals))
     assert re.search(r"iter 2/2 +return", out.stdout)
 
 
@@ -50,32 +57,33 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
-    # 68 more iterations x 4 steps > 240: every env reaches its time limit, so episodic tags appear. The resumed run
-    # draws its frames with the torch ray caster (the renderer is not part of the checkpoint's shapes).
-    out = run([*TINY, "--max-iters", "70", "--eval-every", "0", "--renderer", "torch", "--resume", str(ckpt)], cwd)
+    # Episodes of 20 steps here: 8 more iterations x 4 steps end one in every env, so episodic tags appear. The
+    # resumed run draws its frames with the torch ray caster (the renderer is not part of the checkpoint's shapes).
+    out = run_in_process([*TINY, "--max-iters", "10", "--eval-every", "0", "--renderer", "torch", "--resume",
+                          str(ckpt)], cwd, episode_length=20)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "renderer torch" in out.stdout
     after = torch.load(ckpt, weights_only=False)
-    assert after["iteration"] == 70 and after["global_step"] == 70 * 2 * 4
+    assert after["iteration"] == 10 and after["global_step"] == 10 * 2 * 4
     assert not torch.equal(after["actor"]["mu.weight"], before["actor"]["mu.weight"])
-    assert "iter 3/70" in out.stdout and "iter 1/" not in out.stdout
+    assert "iter 3/10" in out.stdout and "iter 1/" not in out.stdout
     acc = scalars(run_dir)
     assert set(TAGS) <= set(acc.Tags()["scalars"])
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
-    assert lengths and max(lengths) <= 240
+    assert lengths and max(lengths) <= 20
 
-    out = run([*TINY, "--eval-only", str(ckpt)], cwd)
+    out = run_in_process([*TINY, "--eval-only", str(ckpt)], cwd, episode_length=20)
     assert out.returncode == 0, out.stderr[-3000:]
     match = re.search(r"mean return (-?[\d.]+)", out.stdout)
-    assert match and -1e5 < float(match.group(1)) < 2400
+    assert match and -1e5 < float(match.group(1)) < 200  # at most 10 per step
     assert (run_dir / "eval_only.mp4").stat().st_size > 1000
 
 
 def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
     """A resumed --obs state run trains on with its saved settings (not a bare command line's defaults: 64 envs,
     H = 32, the pixel learning rates, 4000 iterations), and a flag given with --resume changes its setting."""
-    out = run(["--obs", "state", "--num-envs", "2", "--horizon", "4", "--actor-lr", "3e-3", "--max-iters", "4",
-               "--eval-every", "0"], tmp_path, timeout=300)
+    out = run_in_process(["--obs", "state", "--num-envs", "2", "--horizon", "4", "--actor-lr", "3e-3", "--max-iters",
+                          "4", "--eval-every", "0"], tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (first,) = (tmp_path / "runs").iterdir()
     stopped = torch.load(first / "checkpoint.pt", weights_only=False)
@@ -90,7 +98,7 @@ def test_resume_keeps_the_saved_settings_unless_a_flag_is_given(tmp_path):
         ckpt.parent.mkdir()
         torch.save(stopped, ckpt)
         try:
-            out = run([*flags, "--resume", str(ckpt)], tmp_path, timeout=300)
+            out = run_in_process([*flags, "--resume", str(ckpt)], tmp_path, timeout=300)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name}: the resumed run did not stop at 2 envs x H 4 x 4 or 6 iterations")
         assert out.returncode == 0, out.stderr[-3000:]
@@ -135,5 +143,5 @@ def test_state_shac_learns_swing_up(tmp_path):
 def test_unreadable_checkpoint_fails_with_one_clear_line(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    lines = failed_cleanly(run(["--eval-only", str(bad)], tmp_path, timeout=300), tmp_path)
+    lines = failed_cleanly(run_in_process(["--eval-only", str(bad)], tmp_path, timeout=300), tmp_path)
     assert lines[-1].startswith("error: cannot read the checkpoint"), lines[-5:]

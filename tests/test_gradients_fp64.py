@@ -1,22 +1,13 @@
-"""Gradient checks in fp64, in a subprocess (this pytest process runs Genesis in fp32).
+"""Gradient checks in fp64, in the suite's fp64 subprocess (conftest.py's `fp64_checks`; this pytest process runs
+Genesis in fp32).
 
 In fp32, finite differences through the ant's four resting feet are dominated by the contact solver (at eps 1e-2,
 3e-3 and 1e-3 they disagree with each other by up to 100 %), so they cannot judge the gradient there; in fp64 they
 can. The humanoid's fp32 gradient is 0.6-0.7 % off (test_locomotion_task.py); in fp64 it must agree to 1e-3.
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def test_ant_contact_and_humanoid_gradients_in_fp64():
-    out = subprocess.run([sys.executable, str(HERE / "fp64_gradients.py")], capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = json.loads(out.stdout.strip().splitlines()[-1])
+def test_ant_contact_and_humanoid_gradients_in_fp64(fp64_checks):
+    errors = fp64_checks["locomotion"]
     assert errors["ant_contact_8_steps"] <= 1e-3, errors
     assert errors["humanoid_3_steps"] <= 1e-3, errors

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import s2v_dagger as s2v
-from script_helpers import assert_one_clear_error, run_script, scalars
+from script_helpers import assert_one_clear_error, run_here, run_script, scalars
 
 TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--image-width", "64", "--batch-size", "4",
         "--max-updates", "3", "--log-every", "1"]
@@ -12,6 +12,10 @@ TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--ima
 
 def run(args, cwd, timeout=600):
     return run_script("s2v_dagger.py", args, cwd, timeout)
+
+
+def run_in_process(args, cwd, timeout=600):
+    return run_here("s2v_dagger.py", args, cwd, timeout)
 
 
 class Constant(torch.nn.Module):
@@ -68,8 +72,8 @@ def test_labels_are_the_experts_actions_on_the_visited_states(task, expert_drive
 def trained(tmp_path_factory):
     """Stage 1 (a 2-iteration state-SHAC expert) and 2 stage-2 iterations that evaluate and save each time."""
     cwd = tmp_path_factory.mktemp("s2v")
-    out = run([*TINY, "--expert-envs", "2", "--expert-iters", "2", "--max-iters", "2", "--eval-every", "1",
-               "--save-every", "1", "--capture-video"], cwd)
+    out = run_in_process([*TINY, "--expert-envs", "2", "--expert-iters", "2", "--max-iters", "2", "--eval-every", "1",
+                          "--save-every", "1", "--capture-video"], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = next(p for p in (cwd / "runs").iterdir() if "__s2v_dagger__" in p.name)
     return cwd, run_dir, out
@@ -99,7 +103,7 @@ def test_resume_continues_and_eval_only_loads(trained):
     ckpt = run_dir / "checkpoint.pt"
     before = torch.load(ckpt, weights_only=False)
     # the saved settings (2 envs, 4-step segments, ...), not given again, except the flags given with --resume
-    out = run(["--max-iters", "4", "--eval-every", "0", "--resume", str(ckpt)], cwd)
+    out = run_in_process(["--max-iters", "4", "--eval-every", "0", "--resume", str(ckpt)], cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stage 1" not in out.stdout and "iter 3/4" in out.stdout and "iter 1/" not in out.stdout
     after = torch.load(ckpt, weights_only=False)
@@ -108,7 +112,7 @@ def test_resume_continues_and_eval_only_loads(trained):
     assert after["args"] == {**before["args"], "max_iters": 4, "eval_every": 0, "resume": str(ckpt)}
     assert not torch.equal(after["student"]["mu.weight"], before["student"]["mu.weight"])
 
-    out = run(["--eval-only", str(ckpt)], cwd)  # with the saved settings
+    out = run_in_process(["--eval-only", str(ckpt)], cwd)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval over 2 episodes" in out.stdout
     assert "mean return" in out.stdout and (run_dir / "eval_only.mp4").exists()
@@ -116,8 +120,9 @@ def test_resume_continues_and_eval_only_loads(trained):
 
 def test_bad_input_gives_one_clear_error(tmp_path, trained):
     assert_one_clear_error(run(["--num-envs", "0"], tmp_path), tmp_path, "--num-envs must be >= 1")
-    assert_one_clear_error(run(["--expert", "missing.pt"], tmp_path), tmp_path, "--expert: no checkpoint file")
+    assert_one_clear_error(run_in_process(["--expert", "missing.pt"], tmp_path), tmp_path,
+                           "--expert: no checkpoint file")
     # a cart-pole expert cannot teach a hopper: refused before any scene is built
     expert = torch.load(trained[1] / "checkpoint.pt", weights_only=False)["expert"]
-    assert_one_clear_error(run(["--task", "hopper", "--expert", expert], tmp_path), tmp_path,
+    assert_one_clear_error(run_in_process(["--task", "hopper", "--expert", expert], tmp_path), tmp_path,
                            "was trained on cartpole, not --task hopper")

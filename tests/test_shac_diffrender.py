@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shac_diffrender as sd
-from script_helpers import assert_one_clear_error, run_script, scalars
+from script_helpers import assert_one_clear_error, run_here, run_script, scalars
 
 TINY = ["--num-envs", "2", "--horizon", "3", "--image-size", "24", "--frame-stack", "2", "--critic-iterations", "1",
         "--eval-steps", "5", "--log-every", "1"]
@@ -82,9 +82,14 @@ def run(args, cwd, timeout=600):
     return run_script("shac_diffrender.py", args, cwd, timeout)
 
 
+def run_in_process(args, cwd, timeout=600):
+    return run_here("shac_diffrender.py", args, cwd, timeout)
+
+
 @pytest.mark.parametrize("name", ["cartpole", "hopper", "ant", "humanoid"])
 def test_two_iteration_smoke_run_writes_tags_and_checkpoint(name, tmp_path):
-    out = run(["--task", name, *TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1"], tmp_path)
+    out = run_in_process(["--task", name, *TINY, "--max-iters", "2", "--eval-every", "1", "--save-every", "1"],
+                         tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"{name}__shac_diffrender__1__")
@@ -98,13 +103,14 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(name, tmp_path):
     if name == "cartpole":
         # Resume continues the count with the saved settings (2 envs, H = 3: not given again), except the flags given
         # with it; eval-only takes the saved settings, the task and the shapes from the checkpoint.
-        out = run(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")], tmp_path)
+        out = run_in_process(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
+                             tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
         assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 3
         assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
                                  "resume": str(run_dir / "checkpoint.pt")}
-        out = run(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
+        out = run_in_process(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "eval over 2 episodes" in out.stdout
         assert re.search(r"mean return -?[\d.]+, eval_success [\d.]+", out.stdout)

@@ -1,0 +1,47 @@
+"""benchmarks/wallclock.py: the command each method runs per task, and the table and plot from a run's events."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.wallclock import TASKS, command
+from script_helpers import ROOT
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_method_runs_its_script_on_the_task_at_its_cpu_size(task):
+    for method, script in (("dva", "dva_cartpole.py" if task == "cartpole" else "dva_locomotion.py"),
+                           ("s2v_dagger", "s2v_dagger.py"), ("drqv2", "drqv2.py")):
+        cmd = command(method, task, seed=3, minutes=7.5)
+        assert cmd[1] == str(ROOT / script)
+        flags = " ".join(cmd[2:])
+        assert ("--task" not in flags) if script == "dva_cartpole.py" else f"--task {task}" in flags
+        assert "--num-envs 16" in flags and "--seed 3 --max-minutes 7.5" in flags
+        assert ("--image-size 32 --image-width 64" if task == "cartpole" else "--image-size 48") in flags
+
+
+def test_table_and_plot_from_a_reused_run(tmp_path):
+    """A hopper run folder with three evaluations (written here): minutes to 90 % of the reference, the best return's
+    share of it, and the JSON and plot under the task's name."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "hopper__mine__1__0"
+    writer = SummaryWriter(str(run))
+    for step, (minutes, ret) in enumerate([(2.0, 500.0), (4.0, 2600.0), (6.0, 3100.0)]):
+        writer.add_scalar("charts/wall_minutes", minutes, step)
+        writer.add_scalar("charts/eval_return", ret, step)
+        writer.add_scalar("charts/eval_forward_velocity", ret / 1000, step)
+    writer.close()
+    out = subprocess.run([sys.executable, "benchmarks/wallclock.py", "--task", "hopper", "--methods", "dva",
+                          "--reuse", f"dva={run}", "--plot-only", "--reference-return", "3000", "--out",
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| D.Va | 1 | 6.0 | 3100 (6.0) | 103% | 3100 (6.0) |" in out.stdout, out.stdout  # 90 % of 3000 at 6.0
+    result = json.loads((tmp_path / "wallclock_hopper.json").read_text())
+    assert result["task"] == "hopper" and result["threshold"] == pytest.approx(2700.0)
+    run_result = result["runs"]["dva/1"]
+    assert run_result["minutes_to_threshold"] == 6.0 and run_result["curve"][1] == pytest.approx([4.0, 2600.0, 2.6])
+    assert run_result["command"].startswith("python dva_locomotion.py --task hopper --num-envs 16 --image-size 48")
+    assert (tmp_path / "wallclock_hopper.png").stat().st_size > 0
