@@ -476,30 +476,18 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
     batch afterwards.
     """
     cartpole = task.name == "cartpole"  # the cart-pole's success needs the full episode
-    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
     size = (args.image_size, args.image_width)
-    task.reset()
     frames, video = FrameStack(args.frame_stack), []
-    image = task.render()
-    frames.reset(image)
-    n = task.num_envs
-    returns, score = torch.zeros(n, device=task.device), torch.zeros(n, device=task.device)
-    alive = torch.ones(n, dtype=torch.bool, device=task.device)
-    t = 0
-    while t < steps and alive.any():
+
+    def policy(t):
+        image = task.render()
         if capture_video:
             video.append(center_crop(image[0].permute(2, 0, 1), size).permute(1, 2, 0).cpu().numpy())
-        action = agent.act(center_crop(frames.frames, size), deterministic=True)
-        for _ in range(min(args.action_repeat, steps - t)):
-            reward, terminated, _ = task.step(action)
-            returns += torch.where(alive, reward, 0.0)
-            score += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            t += 1
-        image = task.render()
-        frames.push(image)
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
+        return agent.act(center_crop(frames.push(image) if t else frames.reset(image), size), deterministic=True)
+
+    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
+    returns, score = task.run_episodes(policy, steps, args.action_repeat)
+    return returns.mean().item(), score.mean().item(), np.stack(video) if capture_video else None
 
 
 if __name__ == "__main__":

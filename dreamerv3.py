@@ -661,29 +661,21 @@ def evaluate(task, world_model: WorldModel, actor: Actor, args: Args, capture_vi
     success rate or the locomotion's forward velocity. The caller resets the training envs afterwards.
     """
     cartpole = args.task == "cartpole"  # the cart-pole's success needs the full episode
-    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
     n, video = task.num_envs, []
-    task.reset()
-    image = task.render()
-    state, action = world_model.rssm.initial(n), torch.zeros(n, task.act_dim, device=task.device)
-    is_first = torch.ones(n, dtype=torch.bool, device=task.device)
-    returns, score = torch.zeros(n, device=task.device), torch.zeros(n, device=task.device)
-    alive = torch.ones(n, dtype=torch.bool, device=task.device)
-    t = 0
-    while t < steps and alive.any():
+    memory = {"state": world_model.rssm.initial(n), "action": torch.zeros(n, task.act_dim, device=task.device)}
+
+    def policy(t):
+        image = task.render()
         if capture_video:
             video.append(image[0].cpu().numpy())
-        state, action = filter_and_act(world_model, actor, state, action, image, is_first, explore=False)
-        is_first = torch.zeros_like(is_first)
-        for _ in range(min(args.action_repeat, steps - t)):
-            reward, terminated, _ = task.step(action)
-            returns += torch.where(alive, reward, 0.0)
-            score += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            t += 1
-        image = task.render()
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
+        is_first = torch.full((n,), t == 0, dtype=torch.bool, device=task.device)
+        memory["state"], memory["action"] = filter_and_act(world_model, actor, memory["state"], memory["action"],
+                                                           image, is_first, explore=False)
+        return memory["action"]
+
+    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
+    returns, score = task.run_episodes(policy, steps, args.action_repeat)
+    return returns.mean().item(), score.mean().item(), np.stack(video) if capture_video else None
 
 
 if __name__ == "__main__":

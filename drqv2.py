@@ -413,28 +413,17 @@ def evaluate(task, encoder, actor, args: Args, capture_video: bool = False):
     envs afterwards.
     """
     cartpole = args.task == "cartpole"  # the cart-pole's success needs the full episode
-    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
     frames, video = FrameStack(args.frame_stack), []
-    task.reset()
-    image = task.render()
-    frames.reset(image)
-    returns, score = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
-    alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-    t = 0
-    while t < steps and alive.any():
+
+    def policy(t):
+        image = task.render()
         if capture_video:
             video.append(image[0].cpu().numpy())
-        action = act(encoder, actor, frames.frames, std=None)
-        for _ in range(min(args.action_repeat, steps - t)):
-            reward, terminated, _ = task.step(action)
-            returns += torch.where(alive, reward, 0.0)
-            score += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            t += 1
-        image = task.render()
-        frames.push(image)
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
+        return act(encoder, actor, frames.push(image) if t else frames.reset(image), std=None)
+
+    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
+    returns, score = task.run_episodes(policy, steps, args.action_repeat)
+    return returns.mean().item(), score.mean().item(), np.stack(video) if capture_video else None
 
 
 if __name__ == "__main__":

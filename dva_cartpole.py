@@ -11,6 +11,7 @@ and the terminal value. The critic sees the simulator state (privileged, trainin
     torchrun --nproc-per-node 4 dva_cartpole.py --num-envs 64   # 4 GPUs x 16 envs, gradients averaged (docs/method.md)
 """
 
+import math
 import os
 import signal
 import sys
@@ -87,7 +88,8 @@ class Args:
     log_every: int = 10
     """print a console line every this many iterations"""
     save_every: int = 100
-    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
+    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill); best.pt
+    holds the policy of the best evaluation so far"""
     resume: str | None = None
     """continue training from this checkpoint (iteration count, optimisers, schedules) with the settings it was
     saved with; a flag given with --resume changes that setting"""
@@ -364,31 +366,19 @@ def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
     0.3 rad of upright over the last 60 steps, and the episode ran to its time limit.
     """
     pixels = args.obs == "pixels"
+    frames, video = FrameStack(args.frame_stack), []
+
+    def policy(t):
+        image = task.render() if pixels or capture_video else None
+        if capture_video:
+            video.append(image[0].cpu().numpy())
+        obs = (frames.push(image) if t else frames.reset(image)) if pixels else obs_rms.normalize(task.critic_obs())
+        return actor(obs, deterministic=True)
+
     snapshot = task.snapshot()
-    video, frames, render = [], FrameStack(args.frame_stack), pixels or capture_video
-    with torch.no_grad():
-        task.reset()
-        image = task.render() if render else None
-        if pixels:
-            frames.reset(image)
-        returns = torch.zeros(task.num_envs, device=task.device)
-        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        score, steps = torch.zeros_like(returns), task.max_episode_length
-        for t in range(steps):
-            if capture_video:
-                video.append(image[0].cpu().numpy())
-            obs = frames.frames if pixels else obs_rms.normalize(task.critic_obs())
-            reward, terminated, _ = task.step(actor(obs, deterministic=True))
-            returns += torch.where(alive, reward, 0.0)
-            score += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            if render:
-                image = task.render()
-                if pixels:
-                    frames.push(image)
+    returns, success = task.run_episodes(policy, task.max_episode_length)
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
+    return returns.mean().item(), success.mean().item(), np.stack(video) if capture_video else None
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
@@ -471,14 +461,16 @@ if __name__ == "__main__":
     ranks = f", {world_size} ranks x {task.num_envs} envs" if world_size > 1 else ""
     print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}{ranks}")
 
-    def save(iteration: int):
+    best_return = checkpoint.get("best_return", -math.inf) if checkpoint is not None and args.resume else -math.inf
+
+    def save(iteration: int, name: str = "checkpoint.pt"):
         if rank > 0:  # [distributed] rank 0 alone writes the checkpoint
             return
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        save_checkpoint(run_dir / name, {
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size,
+            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size, "best_return": best_return,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
@@ -568,6 +560,9 @@ if __name__ == "__main__":
                       f"success {success:.2f}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
+                if ret > best_return:  # the best evaluated policy so far, resumable as the checkpoint is
+                    best_return = ret
+                    save(iteration, "best.pt")
             if iteration % args.log_every == 0 or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)

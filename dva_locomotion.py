@@ -13,6 +13,7 @@ Humanoid sometimes makes Genesis's backward pass raise "Nan grad": such a window
 (`charts/nan_skips`), never fatal.
 """
 
+import math
 import os
 import signal
 import sys
@@ -93,7 +94,8 @@ class Args:
     log_every: int = 10
     """print a console line every this many iterations"""
     save_every: int = 100
-    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill)"""
+    """write runs/<run>/checkpoint.pt every this many iterations (and at the end, on Ctrl-C and on kill); best.pt
+    holds the policy of the best evaluation so far"""
     resume: str | None = None
     """continue training from this checkpoint (iteration count, optimisers, schedules) with the settings it was
     saved with; a flag given with --resume changes that setting"""
@@ -379,33 +381,19 @@ def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
     the evaluation's full duration: a robot that falls stops counting, it does not shorten the clock.
     """
     pixels = args.obs == "pixels"
+    frames, video = FrameStack(args.frame_stack), []
+
+    def policy(t):
+        image = task.render() if pixels or capture_video else None
+        if capture_video:
+            video.append(image[0].cpu().numpy())
+        obs = (frames.push(image) if t else frames.reset(image)) if pixels else obs_rms.normalize(task.critic_obs())
+        return actor(obs, deterministic=True)
+
     snapshot = task.snapshot()
-    video, frames, render = [], FrameStack(args.frame_stack), pixels or capture_video
-    with torch.no_grad():
-        task.reset()
-        image = task.render() if render else None
-        if pixels:
-            frames.reset(image)
-        returns, speed = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
-        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        steps = min(args.eval_steps, task.max_episode_length)
-        for t in range(steps):
-            if capture_video:
-                video.append(image[0].cpu().numpy())
-            obs = frames.frames if pixels else obs_rms.normalize(task.critic_obs())
-            reward, terminated, _ = task.step(actor(obs, deterministic=True))
-            returns += torch.where(alive, reward, 0.0)
-            speed += task.score_step(t, steps, alive)  # the forward velocity while alive
-            alive &= ~terminated
-            if not alive.any():
-                break
-            if render:
-                image = task.render()
-                if pixels:
-                    frames.push(image)
+    returns, speed = task.run_episodes(policy, min(args.eval_steps, task.max_episode_length))
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(speed, alive, steps).mean().item(), clip
+    return returns.mean().item(), speed.mean().item(), np.stack(video) if capture_video else None
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:
@@ -490,14 +478,16 @@ if __name__ == "__main__":
     print(f"run folder: {run_dir}  (tensorboard --logdir runs)  task {args.task}, obs {args.obs}, "
           f"{args.num_envs} envs{ranks}, device {device}, renderer {renderer}")
 
-    def save(iteration: int):
+    best_return = checkpoint.get("best_return", -math.inf) if checkpoint is not None and args.resume else -math.inf
+
+    def save(iteration: int, name: str = "checkpoint.pt"):
         if rank > 0:  # [distributed] rank 0 alone writes the checkpoint
             return
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        save_checkpoint(run_dir / name, {
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
-            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size,
+            "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size, "best_return": best_return,
         })
 
     # ------------------------------------------------------------------------------------------------ training loop
@@ -595,6 +585,9 @@ if __name__ == "__main__":
                       f"forward velocity {speed:.2f} m/s", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
+                if ret > best_return:  # the best evaluated policy so far, resumable as the checkpoint is
+                    best_return = ret
+                    save(iteration, "best.pt")
             if iteration % args.log_every == 0 or iteration == start_iter or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * elapsed / (iteration - start_iter + 1)

@@ -261,26 +261,17 @@ def evaluate(task, student, args, capture_video: bool = False):
     """One episode per env from a fresh start with the student; returns (mean return, the task's score: success or
     forward velocity, frames of env 0 or None). The return sums the task's per-step rewards, as D.Va's evaluation
     does. Cart-pole success: alive at the end with the pole within 0.3 rad of upright over the last 60 steps."""
-    video, frames = [], FrameStack(args.frame_stack)
-    steps = task.max_episode_length if task.name == "cartpole" else min(args.eval_steps, task.max_episode_length)
-    with torch.no_grad():
-        task.reset()
+    frames, video = FrameStack(args.frame_stack), []
+
+    def policy(t):
         image = task.render()
-        frames.reset(image)
-        returns, metric = (torch.zeros(task.num_envs, device=task.device) for _ in range(2))
-        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        for t in range(steps):
-            if capture_video:
-                video.append(image[0].cpu().numpy())
-            reward, terminated, _ = task.step(student(frames.frames))
-            returns += torch.where(alive, reward, 0.0)
-            metric += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            image = task.render()
-            frames.push(image)
-    metric = task.score(metric, alive, steps)
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), metric.mean().item(), clip
+        if capture_video:
+            video.append(image[0].cpu().numpy())
+        return student(frames.push(image) if t else frames.reset(image))
+
+    steps = task.max_episode_length if task.name == "cartpole" else min(args.eval_steps, task.max_episode_length)
+    returns, score = task.run_episodes(policy, steps)
+    return returns.mean().item(), score.mean().item(), np.stack(video) if capture_video else None
 
 
 if __name__ == "__main__":

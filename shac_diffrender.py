@@ -374,29 +374,19 @@ def evaluate(task, renderer, actor, args, capture_video: bool = False):
     forward velocity (distance over the evaluation's full duration).
     """
     cartpole = args.task == "cartpole"  # the cart-pole's success needs the full episode
-    snapshot = task.snapshot()
-    video, frames = [], FrameStack(args.frame_stack)
-    with torch.no_grad():
-        task.reset()
+    frames, video = FrameStack(args.frame_stack), []
+
+    def policy(t):
         image = render(task, renderer)
-        frames.reset(image)
-        returns, score = torch.zeros(task.num_envs, device=task.device), torch.zeros(task.num_envs, device=task.device)
-        alive = torch.ones(task.num_envs, dtype=torch.bool, device=task.device)
-        steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
-        for t in range(steps):
-            if capture_video:
-                video.append(image[0].round().to(torch.uint8).cpu().numpy())
-            reward, terminated, _ = task.step(actor(frames.frames, deterministic=True))
-            returns += torch.where(alive, reward, 0.0)
-            score += task.score_step(t, steps, alive)
-            alive &= ~terminated
-            if not alive.any():
-                break
-            image = render(task, renderer)
-            frames.push(image)
+        if capture_video:
+            video.append(image[0].round().to(torch.uint8).cpu().numpy())
+        return actor(frames.push(image) if t else frames.reset(image), deterministic=True)
+
+    snapshot = task.snapshot()
+    steps = task.max_episode_length if cartpole else min(args.eval_steps, task.max_episode_length)
+    returns, score = task.run_episodes(policy, steps)
     task.restore(snapshot)  # in grad mode: the next window reads a differentiable state
-    clip = np.stack(video) if capture_video else None
-    return returns.mean().item(), task.score(score, alive, steps).mean().item(), clip
+    return returns.mean().item(), score.mean().item(), np.stack(video) if capture_video else None
 
 
 def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> float:

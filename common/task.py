@@ -2,7 +2,7 @@
 
 `Task` holds what the cart-pole (`common/cartpole.py`) and the locomotion tasks (`common/locomotion.py`) do the same
 way: the gradient tape (cut, backward, snapshot, restore), resets, rendering with any of the three renderers, the
-detection of envs that blew up, and the evaluation score. A simulation that blows up inside Genesis reaches the
+detection of envs that blew up, and the evaluation of a policy (`run_episodes`) with its score. A simulation that blows up inside Genesis reaches the
 scripts as one exception type, `SimulationBlowUp`, and `broken_envs()` says which envs to restart.
 `common/tasks.py` builds a task by name (`make_task`).
 """
@@ -147,6 +147,29 @@ class Task:
         return reward, terminated, ended, steps
 
     # ----------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def run_episodes(self, policy, steps: int, action_repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate a policy: one episode per env from fresh starts (`reset()`), of `steps` steps or until every env
+        has ended. `policy(t)` is called at each decision (t: the episode's step, 0 at the start), observes the task
+        itself (`render()`, `critic_obs()`) and returns the actions (N, act_dim), held for `action_repeat` steps.
+        Returns (returns, score), each (N,): the rewards summed while alive, and the task's score (`score_step`,
+        `score`: the cart-pole's success, the locomotion's forward velocity). The caller puts the training batch
+        back (`snapshot`/`restore`) or resets it."""
+        returns = torch.zeros(self.num_envs, device=self.device)
+        score = torch.zeros_like(returns)
+        alive = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.reset()
+        t = 0
+        while t < steps and alive.any():
+            actions = policy(t)
+            for _ in range(min(action_repeat, steps - t)):
+                reward, terminated, _ = self.step(actions)
+                returns += torch.where(alive, reward, 0.0)
+                score += self.score_step(t, steps, alive)
+                alive &= ~terminated
+                t += 1
+        return returns, self.score(score, alive, steps)
+
     def score_step(self, t: int, steps: int, alive: torch.Tensor) -> torch.Tensor:
         """Per env, this evaluation step's share of the score (summed over the evaluation by the caller);
         `alive`: the envs not ended before this step."""
