@@ -2,8 +2,8 @@
 
 `Task` holds what the cart-pole (`common/cartpole.py`) and the locomotion tasks (`common/locomotion.py`) do the same
 way: the gradient tape (cut, backward, snapshot, restore), resets, rendering with any of the three renderers, the
-detection of envs that blew up, and the evaluation of a policy (`run_episodes`) with its score. A simulation that blows up inside Genesis reaches the
-scripts as one exception type, `SimulationBlowUp`, and `broken_envs()` says which envs to restart.
+detection of envs that blew up, and the evaluation of a policy (`run_episodes`) with its score. A simulation that
+blows up inside Genesis reaches the scripts as one exception type, `SimulationBlowUp`, and `broken_envs()` says which envs to restart.
 `common/tasks.py` builds a task by name (`make_task`).
 """
 

@@ -184,7 +184,7 @@ def test_two_rank_run_then_resumed_by_one_process(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     (run_dir,) = (tmp_path / "runs").iterdir()  # one run folder, written by rank 0
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events")) == [
-        "checkpoint.pt", "eval_000002.mp4"]
+        "best.pt", "checkpoint.pt", "eval_000002.mp4"]
     assert len(list(run_dir.glob("events*"))) == 1
     assert out.stdout.count("run folder:") == 1 and "2 ranks x 2 envs" in out.stdout  # rank 0 alone prints
     assert out.stdout.count("iter 2/2") == 1
