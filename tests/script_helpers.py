@@ -23,7 +23,7 @@ def run_script(name, args, cwd, timeout=600, env=None):
 
 def run_here(name, args, cwd, timeout=600, episode_length=None):
     """`python NAME ARGS` in `cwd`, run inside this process: the same exit code, printed lines and files as
-    `run_script`, without a process's start-up (the imports, Genesis's kernels: 10-20 s a run on 2 cores).
+    `run_script`, without a process's start-up (the imports, the scene's first compilation of Genesis's kernels).
     `episode_length`: the tasks' episodes end after this many steps (a test's runs need not last 240 or 1000 steps
     for one to end). For what a process alone shows (a signal, one error line from tyro), use `run_script`."""
     from common.task import Task
