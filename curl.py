@@ -492,7 +492,7 @@ def evaluate(task, agent: CurlSacAgent, args: Args, capture_video: bool = False)
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    args, checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the defaults that depend on them follow them
     except ValueError as error:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import tyro
 
 from common.tasks import TaskName
-from common.utils import load_checkpoint, range_problems
+from common.utils import Episodes, load_checkpoint, range_problems
 
 
 @dataclass
@@ -680,7 +680,7 @@ def evaluate(task, world_model: WorldModel, actor: Actor, args: Args, capture_vi
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    args, checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: the saved settings
     try:
         args = finalize_args(args)
     except ValueError as error:
@@ -776,10 +776,9 @@ if __name__ == "__main__":
         image = task.render()
         buffer.add(image, no_action, no_reward, all_flags, no_flag)
         acting.update(image=image, state=world_model.rssm.initial(n), action=no_action, is_first=all_flags)
-        for v in episode.values():
-            v.zero_()
+        episode.restart()
 
-    episode = {"return": torch.zeros(n, device=device), "length": torch.zeros(n, dtype=torch.long, device=device)}
+    episode = Episodes.zeros(n, device)
     with torch.no_grad():
         restart_all_envs()
     recent_returns, iteration = [], start_iter - 1
@@ -803,21 +802,19 @@ if __name__ == "__main__":
                 image = task.render()
                 env_s = time.perf_counter() - start
                 buffer.add(image, actions, reward, no_flag, terminated)  # every last frame is kept, terminal or not
-                episode["return"] += reward
-                episode["length"] += lived
+                episode.returns += reward
+                episode.lengths += lived
                 done = ended.nonzero().flatten()
-                for i in done.tolist():
-                    recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
-                    writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
-                    writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
+                for ret, length in episode.finish(done):
+                    recent_returns = (recent_returns + [ret])[-20:]
+                    writer.add_scalar("charts/episodic_return", ret, global_step)
+                    writer.add_scalar("charts/episodic_length", length, global_step)
                 if len(done) > 0:  # ended envs start a new episode right away (no gradient tape: safe at any step)
                     start = time.perf_counter()
                     task.reset(done)
                     image = task.render()
                     env_s += time.perf_counter() - start
                     buffer.add(image[done], no_action[done], no_reward[done], all_flags[done], no_flag[done], done)
-                    for v in episode.values():
-                        v[done] = 0
                 acting.update(image=image, state=state, action=actions, is_first=ended)
             global_step += n * args.action_repeat
             agent_steps += n

@@ -30,7 +30,7 @@ import tyro
 
 from common.encoder import Encoder
 from common.tasks import TaskName
-from common.utils import FrameStack, load_checkpoint, range_problems
+from common.utils import Episodes, FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -428,7 +428,7 @@ def evaluate(task, encoder, actor, args: Args, capture_video: bool = False):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    args, checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: the saved settings
     try:
         args = finalize_args(args)  # after the checkpoint's settings: the task's defaults follow them
     except ValueError as error:
@@ -520,12 +520,12 @@ if __name__ == "__main__":
         image = task.render()
         frames.reset(image)
         buffer.add_frames(image, torch.zeros(args.num_envs, dtype=torch.long, device=device))
-        for v in episode.values():
-            v.zero_()
+        episode.restart()
+        episode_step.zero_()
 
     frames = FrameStack(args.frame_stack)
-    episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
-               for k, dt in (("return", torch.float), ("length", torch.long), ("step", torch.long))}
+    episode = Episodes.zeros(args.num_envs, device)
+    episode_step = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # agent steps: the buffer's frame index
     with torch.no_grad():
         restart_all_envs()
     recent_returns, iteration = [], start_iter - 1
@@ -548,25 +548,24 @@ if __name__ == "__main__":
                 image = task.render()
                 env_s = time.perf_counter() - start
                 buffer.add_transitions(actions, reward, terminated, ended)
-                episode["return"] += reward
-                episode["length"] += lived
-                episode["step"] += 1
-                buffer.add_frames(image, episode["step"])
+                episode.returns += reward
+                episode.lengths += lived
+                episode_step += 1
+                buffer.add_frames(image, episode_step)
                 frames.push(image)
                 # Ended envs start a new episode right away (no gradient tape: safe at any step).
                 done = ended.nonzero().flatten()
-                for i in done.tolist():
-                    recent_returns = (recent_returns + [episode["return"][i].item()])[-20:]
-                    writer.add_scalar("charts/episodic_return", episode["return"][i].item(), global_step)
-                    writer.add_scalar("charts/episodic_length", episode["length"][i].item(), global_step)
+                for ret, length in episode.finish(done):
+                    recent_returns = (recent_returns + [ret])[-20:]
+                    writer.add_scalar("charts/episodic_return", ret, global_step)
+                    writer.add_scalar("charts/episodic_length", length, global_step)
                 if len(done) > 0:
                     start = time.perf_counter()
                     task.reset(done)
                     image = task.render()
                     env_s += time.perf_counter() - start
-                    for v in episode.values():
-                        v[done] = 0
-                    buffer.add_frames(image[done], episode["step"][done], done)
+                    episode_step[done] = 0
+                    buffer.add_frames(image[done], episode_step[done], done)
                     frames.reset(image, done)
             global_step += args.num_envs * args.action_repeat
             agent_steps += args.num_envs

@@ -31,7 +31,7 @@ import tyro
 from common import distributed
 from common.encoder import Encoder
 from common.task import SimulationBlowUp
-from common.utils import FrameStack, load_checkpoint, range_problems
+from common.utils import Episodes, FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -113,8 +113,7 @@ class Args:
 TASK_DEFAULTS = {
     "hopper": dict(horizon=32, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-4, target_alpha=0.2,
                    max_iters=30000),
-    # ant: H = 16, not the paper's 32: with Genesis's hard contacts the 32-step gradient of the ant is too erratic
-    # (state SHAC stood still for 8 minutes at H = 32 and walked at H = 16; docs/results.md, "Ant").
+    # ant: H = 16, not the paper's 32: its state SHAC learns much further at 16 here (docs/results.md)
     "ant": dict(horizon=16, actor_hidden=(128, 64, 32), critic_hidden=(64, 64), critic_lr=2e-3, target_alpha=0.2,
                 max_iters=30000),
     "humanoid": dict(horizon=32, actor_hidden=(256, 128), critic_hidden=(128, 128), critic_lr=5e-4,
@@ -258,9 +257,9 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
 
         rew_buf[t], next_value_buf[t] = reward.detach(), next_value.detach()
         done_buf[t] = ends | (t == h - 1)
-        episode["return"] += torch.where(alive, reward.detach(), 0.0)
-        episode["length"] += alive.long()
-        episode["ended"] |= ends
+        episode.returns += torch.where(alive, reward.detach(), 0.0)
+        episode.lengths += alive.long()
+        episode.ended |= ends
         alive = alive & ~ends
     return actor_loss / (h * n), Window(obs_buf, rew_buf, next_value_buf, done_buf, valid_buf), render_s
 
@@ -300,18 +299,16 @@ def actor_update(task, actor, actor_opt, actor_loss, max_grad_norm: float):
 
 def window_boundary(task, episode, frames=None, broken=None):
     """The window boundary, the same after an update, a skipped update or an aborted window: every env that ended
-    inside the window (`episode["ended"]`) or is in the mask `broken` starts a new episode, and its frame stack is
+    inside the window (`episode.ended`) or is in the mask `broken` starts a new episode, and its frame stack is
     refilled with its first frame. The reset cuts the tape, even when no env restarts.
 
     Returns the restarted envs' ids and the finished episodes to log, as (return, length) pairs; the episodes of
     broken envs are dropped, not logged.
     """
-    broken = torch.zeros_like(episode["ended"]) if broken is None else broken
-    finished = [(episode["return"][i].item(), episode["length"][i].item())
-                for i in (episode["ended"] & ~broken).nonzero().flatten().tolist()]
-    env_ids = (episode["ended"] | broken).nonzero().flatten()
-    for v in episode.values():
-        v[env_ids] = 0
+    broken = torch.zeros_like(episode.ended) if broken is None else broken
+    env_ids = (episode.ended | broken).nonzero().flatten()
+    finished = episode.finish((episode.ended & ~broken).nonzero().flatten())
+    episode.restart(broken.nonzero().flatten())  # a broken env's episode is dropped, not logged
     task.reset(env_ids)
     if frames is not None and len(env_ids) > 0:
         frames.reset(task.render(), env_ids)
@@ -374,6 +371,20 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
         tp.lerp_(sp, tau)  # tp = (1 - tau) * tp + tau * sp
 
 
+def train_critic(critic, target_critic, critic_opt, obs_rms, window, args) -> float:
+    """The critic's part of an iteration, on the window's finite data: the normaliser, TD(lambda) targets, the
+    regression and the target critic. Under torchrun the normaliser merges every rank's states; the data stays per
+    rank."""
+    states, rewards, next_values, dones, valid = window
+    valid = valid & torch.isfinite(states).all(-1) & torch.isfinite(rewards) & torch.isfinite(next_values)
+    distributed.update_normaliser(obs_rms, states[valid])  # one process: obs_rms.update(states[valid])
+    targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
+    valid &= torch.isfinite(targets)
+    critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
+    soft_update(target_critic, critic, 1 - args.target_alpha)  # SHAC: keep alpha of the target
+    return critic_loss
+
+
 def evaluate(task, actor, obs_rms, args, capture_video: bool = False):
     """One episode (of --eval-steps steps) per env with the mean action; the training batch is put back afterwards.
 
@@ -402,7 +413,7 @@ def linear_lr(base: float, min_lr: float, iteration: int, max_iters: int) -> flo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    args, checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: the saved settings
     # [distributed] under torchrun: join the ranks, one GPU each, before Genesis or CUDA starts; else (0, 1)
     rank, world_size = distributed.setup(args.device)
     try:
@@ -494,8 +505,7 @@ if __name__ == "__main__":
     frames = FrameStack(args.frame_stack)
     if pixels:
         frames.reset(task.render())
-    episode = {k: torch.zeros(task.num_envs, dtype=dt, device=device)
-               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    episode = Episodes.zeros(task.num_envs, device)
     recent_returns, nan_skips, iteration = [], 0, start_iter - 1
 
     def log_episodes(finished):
@@ -520,8 +530,8 @@ if __name__ == "__main__":
             # Rollout: H differentiable steps and the actor loss.
             start = time.perf_counter()
             try:
-                actor_loss, (states, rewards, next_values, dones, valid), render_s = rollout_window(
-                    task, actor, target_critic, obs_rms, frames, args, episode)
+                actor_loss, window, render_s = rollout_window(task, actor, target_critic, obs_rms, frames, args,
+                                                              episode)
                 aborted = False
             except SimulationBlowUp:  # Genesis stopped the window: an env blew up
                 aborted = True
@@ -539,21 +549,16 @@ if __name__ == "__main__":
             grad_norm, skipped = actor_update(task, actor, actor_opt, actor_loss, args.max_grad_norm)
             if skipped:  # the envs that blew up, if any, start over below; the others go on
                 nan_skips += 1
-                episode["ended"] |= task.broken_envs()
+                episode.ended |= task.broken_envs()
                 print(f"  iteration {iteration}: non-finite loss or gradient, update skipped ({nan_skips} so far)")
             backward_s = time.perf_counter() - start
 
             # Env-steps spent idle: an env that ended inside the window waits for the boundary to restart.
-            idle_fraction = 1.0 - valid.float().mean().item()
+            idle_fraction = 1.0 - window.valid.float().mean().item()
 
             # Critic update on the window's states with TD(lambda) targets (finite data only).
             start = time.perf_counter()
-            valid &= torch.isfinite(states).all(-1) & torch.isfinite(rewards) & torch.isfinite(next_values)
-            distributed.update_normaliser(obs_rms, states[valid])  # one process: obs_rms.update(states[valid])
-            targets = td_lambda_targets(rewards, next_values, dones, args.gamma, args.lam)
-            valid &= torch.isfinite(targets)
-            critic_loss = update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
-            soft_update(target_critic, critic, 1 - args.target_alpha)  # SHAC: keep alpha of the target
+            critic_loss = train_critic(critic, target_critic, critic_opt, obs_rms, window, args)
             critic_s = time.perf_counter() - start
 
             # Bookkeeping and the resets of ended envs, at the window boundary.

@@ -26,7 +26,7 @@ import tyro
 
 from common.encoder import Encoder
 from common.tasks import TaskName
-from common.utils import FrameStack, load_checkpoint, range_problems
+from common.utils import Episodes, FrameStack, load_checkpoint, range_problems
 
 
 @dataclass
@@ -219,9 +219,10 @@ def collect_segment(task, student, expert, frames: FrameStack, steps: int, exper
     """Drive every env for `steps` steps (the expert where `expert_drives`, the student elsewhere) and label each
     visited state with the expert's action. Ended envs restart at once (no gradient tape in stage 2).
 
-    Returns the visited frame stacks (steps * N, C, H, W) and the expert's labels (steps * N, act_dim).
+    Returns the visited frame stacks (steps * N, C, H, W), the expert's labels (steps * N, act_dim) and the episodes
+    that ended, as (return, length) pairs.
     """
-    seen, labels = [], []
+    seen, labels, finished = [], [], []
     for _ in range(steps):
         obs = frames.frames
         label = expert(task.critic_obs())
@@ -229,17 +230,16 @@ def collect_segment(task, student, expert, frames: FrameStack, steps: int, exper
         labels.append(label)
         action = torch.where(expert_drives[:, None], label, student(obs))
         reward, terminated, truncated = task.step(action)
-        episode["return"] += reward
-        episode["length"] += 1
+        episode.returns += reward
+        episode.lengths += 1
         ended = (terminated | truncated).nonzero().flatten()
         image = task.render()
         frames.push(image)
         if len(ended) > 0:
-            episode["finished"] += [(episode["return"][i].item(), episode["length"][i].item()) for i in ended]
-            episode["return"][ended], episode["length"][ended] = 0.0, 0
+            finished += episode.finish(ended)
             task.reset(ended)
             frames.reset(task.render(), ended)
-    return torch.cat(seen), torch.cat(labels)
+    return torch.cat(seen), torch.cat(labels), finished
 
 
 def fit_student(student, optimizer, buffer: LabelledBuffer, args: Args, device) -> tuple[float, int]:
@@ -277,7 +277,7 @@ def evaluate(task, student, args, capture_video: bool = False):
 if __name__ == "__main__":
     start_time = time.time()  # the wall clock counts stage 1
     args = tyro.cli(Args)
-    checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: continue with the saved settings
+    args, checkpoint = load_checkpoint(args, Args, SHAPE_ARGS)  # --resume, --eval-only: the saved settings
     if checkpoint is not None:  # --resume: the expert the student was trained with; --eval-only: the student alone
         args.expert = checkpoint.get("expert") if args.resume else None
     try:
@@ -372,8 +372,7 @@ if __name__ == "__main__":
     frames = FrameStack(args.frame_stack)
     task.reset()
     frames.reset(task.render())
-    episode = {"return": torch.zeros(args.num_envs, device=device),
-               "length": torch.zeros(args.num_envs, dtype=torch.long, device=device), "finished": []}
+    episode = Episodes.zeros(args.num_envs, device)
     recent_returns, iteration = [], start_iter - 1
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill` end the run with a checkpoint
         signal.signal(sig, signal.default_int_handler)
@@ -384,7 +383,8 @@ if __name__ == "__main__":
             # Rollout: the expert drives a shrinking share of the envs (DAgger's beta), the student the rest.
             beta = args.beta_decay ** (iteration - 1)
             expert_drives = torch.rand(args.num_envs, device=device) < beta
-            seen, labels = collect_segment(task, student, expert, frames, args.segment_length, expert_drives, episode)
+            seen, labels, finished = collect_segment(task, student, expert, frames, args.segment_length, expert_drives,
+                                                     episode)
             buffer.add(seen, labels)
             env_s = time.perf_counter() - iter_start
 
@@ -394,11 +394,10 @@ if __name__ == "__main__":
             update_s = time.perf_counter() - start
 
             global_step += args.num_envs * args.segment_length
-            for ret, length in episode["finished"]:
+            for ret, length in finished:
                 recent_returns = (recent_returns + [ret])[-20:]
                 writer.add_scalar("charts/episodic_return", ret, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
-            episode["finished"] = []
             iteration_s = time.perf_counter() - iter_start
             elapsed = time.time() - start_time
             sps = int((iteration - start_iter + 1) * args.num_envs * args.segment_length / (time.time() - loop_start))
@@ -419,7 +418,7 @@ if __name__ == "__main__":
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)
                 task.reset()  # evaluation used the training envs: start fresh episodes
                 frames.reset(task.render())
-                episode["return"][:], episode["length"][:] = 0.0, 0
+                episode.restart()
             if iteration % args.log_every == 0 or last:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
                 eta = (args.max_iters - iteration) * (time.time() - loop_start) / (iteration - start_iter + 1)

@@ -86,7 +86,7 @@ class PeakRSS:
 
 def measure(task_name: str, method: str, bench: BenchArgs) -> dict:
     from common.genesis_setup import resolve_device
-    from common.utils import FrameStack, RunningMeanStd
+    from common.utils import Episodes, FrameStack, RunningMeanStd
     from dva_setup import dva_setup
 
     device = resolve_device(bench.device)
@@ -125,8 +125,7 @@ def measure(task_name: str, method: str, bench: BenchArgs) -> dict:
         base = torch.cuda.memory_allocated()
     memory.start()
     for it in range(1 + bench.iters):
-        episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
-                   for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+        episode = Episodes.zeros(args.num_envs, device)
         start = time.perf_counter()
         loss, _, _ = rollout(task, actor, target, obs_rms, frames, args, episode)
         forward_s = time.perf_counter() - start
@@ -137,7 +136,7 @@ def measure(task_name: str, method: str, bench: BenchArgs) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         backward_s = time.perf_counter() - start
-        ended = episode["ended"].nonzero().flatten()
+        ended = episode.ended.nonzero().flatten()
         task.reset(ended)
         with torch.no_grad():
             frames.reset(task.render() if method == "dva" else sd.render(task, renderer), ended)

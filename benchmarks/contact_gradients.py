@@ -128,12 +128,12 @@ def window(task, dl, args, actor, critic, obs_rms, state, seed, horizon, backwar
     """The script's SHAC loss of one window from `state`, with the action noise of `seed`; with `backward`, the
     actor's gradient too. Returns (loss, gradient or None, forward seconds, backward seconds)."""
     from common.task import SimulationBlowUp
+    from common.utils import Episodes
 
     args.horizon = horizon
     actor.zero_grad()
     task.set_state(*state)
-    episode = {k: torch.zeros(task.num_envs, dtype=dt) for k, dt in
-               (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    episode = Episodes.zeros(task.num_envs)
     torch.manual_seed(seed)
     start = time.perf_counter()
     try:

@@ -82,7 +82,7 @@ def load_checkpoint(path: str, task_name: str, size: tuple[int, int]) -> tuple[d
 
 def window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoint=None):
     from common.task import SimulationBlowUp
-    from common.utils import FrameStack, RunningMeanStd
+    from common.utils import Episodes, FrameStack, RunningMeanStd
 
     torch.manual_seed(seed)
     task.generator.manual_seed(seed)
@@ -98,8 +98,7 @@ def window_grad_norm(task, renderer, method, args, size, seed, dva, sd, checkpoi
     frames = FrameStack(args.frame_stack)
     with torch.no_grad():
         frames.reset(task.render() if method == "dva" else sd.render(task, renderer))
-    episode = {k: torch.zeros(task.num_envs, dtype=dt, device=task.device)
-               for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+    episode = Episodes.zeros(task.num_envs, task.device)
     torch.manual_seed(seed)  # the same action noise for both methods
     if method == "dva":
         loss, _, _ = dva.rollout_window(task, actor, target, obs_rms, frames, args, episode)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.genesis_setup import resolve_device, resolve_renderer  # noqa: E402
-from common.utils import FrameStack, RunningMeanStd  # noqa: E402
+from common.utils import Episodes, FrameStack, RunningMeanStd  # noqa: E402
 from dva_setup import dva_setup  # noqa: E402
 
 CONFIGS = {"cpu": dict(num_envs=32, image_size=32, image_width=64), "paper": dict(num_envs=64, image_size=84)}
@@ -130,8 +130,7 @@ if __name__ == "__main__":
             torch.cuda.reset_peak_memory_stats()
         timer.clear()
         stacked.clear()
-        episode = {k: torch.zeros(args.num_envs, dtype=dt, device=device)
-                   for k, dt in (("return", torch.float), ("length", torch.long), ("ended", torch.bool))}
+        episode = Episodes.zeros(args.num_envs, device)
         start = time.perf_counter()
         loss, (states, rewards, next_values, dones, valid), _ = rollout_window(
             task, actor, target, obs_rms, frames, args, episode)
@@ -148,7 +147,7 @@ if __name__ == "__main__":
         update_critic(critic, critic_opt, obs_rms, states[valid], targets[valid], args)
         sync()
         timer["critic_s"] = time.perf_counter() - t0
-        ended = episode["ended"].nonzero().flatten()
+        ended = episode.ended.nonzero().flatten()
         task.reset(ended)
         if pixels:
             frames.reset(task.render(), ended)

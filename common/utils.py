@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import tyro
 
 
 def seed_everything(seed: int, deterministic: bool = False):
@@ -61,6 +62,32 @@ class RunningMeanStd(nn.Module):
         return (x - self.mean) / torch.sqrt(self.var + 1e-5)
 
 
+@dataclasses.dataclass
+class Episodes:
+    """Each env's episode in progress: its return and length so far, and whether it has ended (the SHAC loop's envs
+    wait for the window boundary to start over)."""
+
+    returns: torch.Tensor  # (N,) float
+    lengths: torch.Tensor  # (N,) long
+    ended: torch.Tensor  # (N,) bool
+
+    @classmethod
+    def zeros(cls, num_envs: int, device=None) -> "Episodes":
+        return cls(torch.zeros(num_envs, device=device), torch.zeros(num_envs, dtype=torch.long, device=device),
+                   torch.zeros(num_envs, dtype=torch.bool, device=device))
+
+    def finish(self, env_ids: torch.Tensor) -> list[tuple[float, int]]:
+        """The (return, length) of the episodes of `env_ids`, which start over from zero."""
+        finished = [(self.returns[i].item(), self.lengths[i].item()) for i in env_ids.tolist()]
+        self.restart(env_ids)
+        return finished
+
+    def restart(self, env_ids: torch.Tensor | None = None):
+        """Start the episodes of `env_ids` (all if None) over from zero, dropping what they had."""
+        env_ids = slice(None) if env_ids is None else env_ids
+        self.returns[env_ids], self.lengths[env_ids], self.ended[env_ids] = 0.0, 0, False
+
+
 class FrameStack:
     """The last `k` RGB frames of every env as one uint8 tensor (N, 3k, H, W), oldest first."""
 
@@ -91,45 +118,32 @@ def save_checkpoint(path: Path, payload: dict):
     os.replace(tmp, path)
 
 
-def explicit_flags(argv: list[str], args_class) -> set[str]:
-    """The fields of the dataclass `args_class` that `argv` sets, in any of tyro's spellings: `--num-envs 4`,
-    `--num-envs=4`, `--num_envs 4`, and `--flag` / `--no-flag` for a bool."""
-    spellings = {}
-    for field in dataclasses.fields(args_class):
-        for name in (field.name.replace("_", "-"), field.name):
-            spellings[f"--{name}"] = field.name
-            spellings[f"--no-{name}"] = field.name  # a bool's; tyro has already refused it for any other field
-            spellings[f"--no_{name}"] = field.name
-    return {spellings[token.split("=")[0]] for token in argv if token.split("=")[0] in spellings}
-
-
-def apply_saved_args(args, saved: dict, explicit: set[str], shape_args: tuple[str, ...]):
-    """Continue a run with the settings it was saved with: every saved argument replaces the command line's, except
-    the flags given on purpose (`explicit`). The shape arguments always come from the checkpoint (the networks must
-    be rebuilt as they were saved); --resume and --eval-only always from the command line. Call finalize_args after
-    this, so that defaults which depend on other flags are filled from the settings the run really uses.
-    A shape argument given on the command line with another value than the checkpoint's is a ValueError (a task
-    or a network the checkpoint cannot fill), not silently replaced."""
-    fields = {field.name for field in dataclasses.fields(args)}
-    for key, value in saved.items():
-        if key not in fields or key in ("resume", "eval_only"):
-            continue
-        if key in shape_args and key in explicit and getattr(args, key) != value:
+def resumed_args(args_class, saved: dict, argv: list[str], shape_args: tuple[str, ...]):
+    """The command line `argv` parsed with a checkpoint's settings `saved` as its defaults (tyro's `default=`): the
+    run continues with the settings it was saved with, and a flag given on the command line wins, even at the class's
+    default value. --resume and --eval-only come from the command line alone. A shape argument (the networks must be
+    rebuilt as they were saved) given with another value than the checkpoint's is a ValueError that names both.
+    Call finalize_args after this, so that defaults which depend on other flags follow the settings the run uses."""
+    fields = {field.name for field in dataclasses.fields(args_class)}
+    defaults = args_class(**{key: value for key, value in saved.items()
+                             if key in fields and key not in ("resume", "eval_only")})
+    args = tyro.cli(args_class, default=defaults, args=argv)
+    for key in shape_args:
+        if key in saved and getattr(args, key) != saved[key]:
             flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{flag} {getattr(args, key)}: the checkpoint was saved with {flag} {value}, "
+            raise ValueError(f"{flag} {getattr(args, key)}: the checkpoint was saved with {flag} {saved[key]}, "
                              f"which its networks need; leave {flag} out")
-        if key in shape_args or key not in explicit:
-            setattr(args, key, value)
     return args
 
 
-def load_checkpoint(args, args_class, shape_args: tuple[str, ...]) -> dict | None:
-    """For --resume and --eval-only: read the checkpoint and continue with the settings it was saved with
-    (`apply_saved_args`, with the flags given on this command line kept). A missing or unreadable file ends the
-    process with one line. Returns the checkpoint, or None when neither flag is given."""
+def load_checkpoint(args, args_class, shape_args: tuple[str, ...]):
+    """For --resume and --eval-only: read the checkpoint and continue with the settings it was saved with, the flags
+    given on this command line overriding them (`resumed_args`). A missing or unreadable file, or a shape flag the
+    checkpoint cannot fill, ends the process with one line. Returns (args, checkpoint); (args, None) when neither
+    flag is given."""
     path = args.resume or args.eval_only
     if not path:
-        return None
+        return args, None
     if not Path(path).is_file():
         sys.exit(f"error: {'--resume' if args.resume else '--eval-only'}: no checkpoint file at {path}")
     try:
@@ -138,10 +152,10 @@ def load_checkpoint(args, args_class, shape_args: tuple[str, ...]) -> dict | Non
     except Exception as error:  # a truncated or foreign file
         sys.exit(f"error: cannot read the checkpoint {path}: {error!r}")
     try:
-        apply_saved_args(args, saved, explicit_flags(sys.argv[1:], args_class), shape_args)
+        args = resumed_args(args_class, saved, sys.argv[1:], shape_args)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    return checkpoint
+    return args, checkpoint
 
 
 def range_problems(args, at_least_one=(), non_negative=(), positive=(), unit=()) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dva_cartpole as dc  # noqa: E402
-from common.utils import FrameStack, RunningMeanStd  # noqa: E402
+from common.utils import Episodes, FrameStack, RunningMeanStd  # noqa: E402
 
 H = 12
 ARGS = SimpleNamespace(horizon=H, gamma=0.99, obs="state", frame_stack=3)
@@ -48,17 +48,12 @@ def make_agent(task, seed: int = 0):
     return actor, critic, obs_rms
 
 
-def new_episode(n: int) -> dict:
-    return {k: torch.zeros(n, dtype=dt) for k, dt in (("return", torch.float), ("length", torch.long),
-                                                       ("ended", torch.bool))}
-
-
-def start_window(task) -> dict:
-    """Put every env at its start (START_*), env TRUNCATE_ENV near its time limit; returns a fresh episode dict."""
+def start_window(task) -> Episodes:
+    """Put every env at its start (START_*), env TRUNCATE_ENV near its time limit; returns fresh episodes."""
     n = task.num_envs
     task.set_state(START_QPOS[:n], START_QVEL[:n])
     task.progress[TRUNCATE_ENV] = task.max_episode_length - TRUNCATE_AFTER
-    return new_episode(n)
+    return Episodes.zeros(n)
 
 
 class Recorder:
@@ -77,7 +72,7 @@ class Recorder:
 
 def window(task, actor, critic, obs_rms, noise_seed: int = 1):
     """One window of the script's rollout_window from the fixed start, with the same exploration noise every time.
-    Returns (loss, the window's buffers, the actions taken, the episode dict)."""
+    Returns (loss, the window's buffers, the actions taken, the episodes)."""
     episode = start_window(task)
     recorder = Recorder(actor)
     torch.manual_seed(noise_seed)  # the actor's randn_like: the same eps in every evaluation

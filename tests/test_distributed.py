@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import dva_cartpole as dc  # noqa: E402
 from common import distributed  # noqa: E402
-from common.utils import FrameStack, RunningMeanStd  # noqa: E402
+from common.utils import Episodes, FrameStack, RunningMeanStd  # noqa: E402
 
 NUM_ENVS, HORIZON, IMAGE = 8, 8, (32, 64)
 TINY = ["--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
@@ -72,14 +72,13 @@ def one_iteration(task, obs: str, rank: int = 0) -> dict:
     frames = FrameStack(args.frame_stack)
     if obs == "pixels":
         frames.reset(task.render())
-    episode = {k: torch.zeros(n, dtype=dt) for k, dt in (("return", torch.float), ("length", torch.long),
-                                                         ("ended", torch.bool))}
+    episode = Episodes.zeros(n)
     loss, window, _ = dc.rollout_window(task, actor, target_critic, obs_rms, frames, args, episode)
     grad_norm, skipped = dc.actor_update(task, actor, actor_opt, loss, args.max_grad_norm)
     critic_loss = dc.train_critic(critic, target_critic, critic_opt, obs_rms, window, args)
     return {"start": start, "actor": deepcopy(actor.state_dict()), "critic": deepcopy(critic.state_dict()),
             "target_critic": deepcopy(target_critic.state_dict()), "obs_rms": deepcopy(obs_rms.state_dict()),
-            "frames": frames.frames, "ended": episode["ended"].any().item(), "skipped": skipped,
+            "frames": frames.frames, "ended": episode.ended.any().item(), "skipped": skipped,
             "grad_norm": grad_norm, "critic_loss": critic_loss, "agent": (actor, critic, actor_opt, args)}
 
 
@@ -88,8 +87,7 @@ def agreements(task, rank: int, agent) -> dict:
     actor, critic, actor_opt, args = agent
     before = torch.cat([p.detach().flatten() for p in actor.parameters()])
     loss = dc.rollout_window(task, actor, critic, RunningMeanStd((task.critic_obs_dim,)), FrameStack(1), args,
-                             {k: torch.zeros(task.num_envs, dtype=dt) for k, dt in (("return", torch.float),
-                              ("length", torch.long), ("ended", torch.bool))})[0]
+                             Episodes.zeros(task.num_envs))[0]
     _, skipped = dc.actor_update(task, actor, actor_opt, loss * (math.nan if rank == 1 else 1.0), 1.0)
     unchanged = torch.equal(before, torch.cat([p.detach().flatten() for p in actor.parameters()]))
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import tyro
 
 from common.encoder import Encoder
-from common.utils import FrameStack, RunningMeanStd, apply_saved_args, explicit_flags
+from common.utils import FrameStack, RunningMeanStd, resumed_args
 from dva_cartpole import Actor, Critic, rollout_window
 import fp64_dva_window as fw
 
@@ -140,7 +139,7 @@ def test_dva_gradient_reaches_the_actor_only_through_its_actions(task):
     actor, critic, obs_rms = make_nets(task, pixels=True)
     full, episode = actor_grads(task, actor, critic, obs_rms, pixels=True, cut=False)
     through_actions, _ = actor_grads(task, actor, critic, obs_rms, pixels=True, cut=True)
-    assert episode["ended"].tolist() == [False, True, True, False]  # a termination and a time limit in the window
+    assert episode.ended.tolist() == [False, True, True, False]  # a termination and a time limit in the window
     assert full.norm() > 0
     assert torch.allclose(full, through_actions, rtol=1e-4, atol=1e-6 * full.abs().max())
 
@@ -186,15 +185,18 @@ def test_update_critic_never_steps_on_an_empty_minibatch(script, n, sizes):
 
 
 # ------------------------------------------------------------------------------------------------ resumed settings
-def test_explicit_flags_reads_tyros_spellings():
+def test_resumed_args_read_every_spelling_tyro_takes():
+    """The saved settings are tyro's defaults, so a flag wins in any spelling tyro reads, a bool's --no- form too."""
     import dva_cartpole
 
+    saved = vars(dva_cartpole.Args(num_envs=3, actor_lr=1e-3, capture_video=True, seed=2))
     argv = ["--num-envs", "4", "--actor_lr=3e-3", "--max-iters=0", "--no-capture-video", "--actor-hidden", "32", "32",
             "--min-lr", "-1e-5", "--resume", "runs/x/checkpoint.pt"]
-    assert explicit_flags(argv, dva_cartpole.Args) == {"num_envs", "actor_lr", "max_iters", "capture_video",
-                                                       "actor_hidden", "min_lr", "resume"}
-    assert explicit_flags(["--capture_video"], dva_cartpole.Args) == {"capture_video"}
-    assert explicit_flags([], dva_cartpole.Args) == set()
+    args = resumed_args(dva_cartpole.Args, saved, argv, ())
+    assert (args.num_envs, args.actor_lr, args.max_iters, args.capture_video, args.actor_hidden, args.min_lr,
+            args.resume, args.seed) == (4, 3e-3, 0, False, (32, 32), -1e-5, "runs/x/checkpoint.pt", 2)
+    assert resumed_args(dva_cartpole.Args, saved, ["--capture_video"], ()).capture_video
+    assert vars(resumed_args(dva_cartpole.Args, saved, [], ())) == saved
 
 
 SAVED = {  # per script: a run's settings other than the defaults, among them ones that other defaults depend on
@@ -217,9 +219,7 @@ def test_resumed_run_takes_the_saved_settings_unless_a_flag_is_given(script, tmp
     (tmp_path / "checkpoint.pt").touch()
 
     def resumed(argv):
-        args = tyro.cli(module.Args, args=argv)
-        apply_saved_args(args, saved, explicit_flags(argv, module.Args), module.SHAPE_ARGS)
-        return vars(module.finalize_args(args))
+        return vars(module.finalize_args(resumed_args(module.Args, saved, argv, module.SHAPE_ARGS)))
 
     assert resumed(["--resume", ckpt]) == {**saved, "resume": ckpt}
     assert resumed(["--eval-only", ckpt]) == {**saved, "eval_only": ckpt}

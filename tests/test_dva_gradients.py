@@ -93,7 +93,7 @@ def two_windows(task, actor, critic, obs_rms, evaluate: bool):
     loss, *_ = dc.rollout_window(task, actor, critic, obs_rms, FrameStack(3), ARGS, episode)
     actor.zero_grad()
     task.backward(loss)
-    assert episode["ended"][0]
+    assert episode.ended[0]
     return torch.cat([p.grad.flatten() for p in actor.parameters()]), loss.item()
 
 
@@ -149,8 +149,8 @@ def test_aborted_window_restarts_every_ended_env_and_refills_its_frames(task, mo
                         else real_mask())
     with pytest.raises(SimulationBlowUp, match="nan"):  # Genesis's NaN stop reaches the script as the task's type
         script.rollout_window(task, *renderer, actor, critic, obs_rms, frames, args, episode)
-    assert episode["ended"].tolist() == [False, True, True, False]
-    length_1 = episode["length"][1].item()
+    assert episode.ended.tolist() == [False, True, True, False]
+    length_1 = episode.lengths[1].item()
     qpos, frames_0 = task.qpos.detach().clone(), frames.frames[0].detach().clone()
 
     env_ids, finished = script.reset_broken_envs(task, *renderer, episode, frames)
@@ -163,7 +163,7 @@ def test_aborted_window_restarts_every_ended_env_and_refills_its_frames(task, mo
         assert not torch.equal(task.qpos[i], qpos[i]) and task.qpos[i, 0].abs() < task.track_limit
         assert torch.equal(frames.frames[i], image[i].repeat(args.frame_stack, 1, 1)), f"env {i}: not refilled"
     assert [length for _, length in finished] == [length_1, TRUNCATE_AFTER]
-    assert not episode["ended"].any() and episode["length"].tolist() == [abort_at, 0, 0, 0]
+    assert not episode.ended.any() and episode.lengths.tolist() == [abort_at, 0, 0, 0]
 
     before = torch.cat([p.detach().flatten() for p in actor.parameters()])
     args.horizon = 4

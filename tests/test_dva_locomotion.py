@@ -38,12 +38,11 @@ def agent(hopper):
     torch.manual_seed(0)
     actor = dl.Actor((hopper.critic_obs_dim,), hopper.act_dim, (32, 32))
     critic = dl.Critic(hopper.critic_obs_dim, (32,))
-    from common.utils import RunningMeanStd
+    from common.utils import Episodes, RunningMeanStd
 
     obs_rms = RunningMeanStd((hopper.critic_obs_dim,))
     opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
-    episode = {k: torch.zeros(2, dtype=dt) for k, dt in (("return", torch.float), ("length", torch.long),
-                                                         ("ended", torch.bool))}
+    episode = Episodes.zeros(2)
     hopper.reset()
     return hopper, args, actor, critic, obs_rms, opt, episode
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import s2v_dagger as s2v
+from common.utils import Episodes
 from script_helpers import assert_one_clear_error, run_here, run_script, scalars
 
 TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--image-width", "64", "--batch-size", "4",
@@ -43,14 +44,14 @@ def test_labels_are_the_experts_actions_on_the_visited_states(task, expert_drive
     n, steps = task.num_envs, 20
     qpos0 = torch.tensor([[0.1, -3.0], [-0.2, -2.5], [0.0, 0.4], [0.3, 3.1]])[:n]
     qvel0 = torch.tensor([[0.5, 1.0], [0.0, -2.0], [-0.3, 0.0], [0.1, 0.2]])[:n]
-    episode = {"return": torch.zeros(n), "length": torch.zeros(n, dtype=torch.long), "finished": []}
+    episode = Episodes.zeros(n)
 
     task.set_state(qpos0, qvel0)
     frames = FrameStack(1)
     with torch.no_grad():
         frames.reset(task.render())
     drives = torch.full((n,), expert_drives)
-    seen, labels = s2v.collect_segment(task, student, expert, frames, steps, drives, episode)
+    seen, labels, finished = s2v.collect_segment(task, student, expert, frames, steps, drives, episode)
     assert seen.shape == (steps * n, 3, 32, 64) and labels.shape == (steps * n, 1)
 
     task.set_state(qpos0, qvel0)
@@ -64,7 +65,7 @@ def test_labels_are_the_experts_actions_on_the_visited_states(task, expert_drive
     assert torch.equal(labels, torch.cat(expected_labels))
     assert torch.equal(seen, torch.cat(expected_frames))
     assert labels.std() > 0.05  # the states differ, so a wrong driver would give other labels
-    assert episode["length"].tolist() == [steps] * n and not episode["finished"]
+    assert episode.lengths.tolist() == [steps] * n and not finished
     task.reset()  # leave the shared scene at a fresh start (in grad mode) for the other tests
 
 
