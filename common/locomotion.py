@@ -101,7 +101,9 @@ class LocomotionTask(Task):
     max_episode_length = 1000
     dt = 1.0 / 60.0
     substeps = 2
-    constraint_timeconst = 0.01  # Genesis's default: the contacts as stiff as the substep allows (docs/tasks.md)
+    # contacts and joint limits softened from Genesis's 0.01 s: a loss SHAC's gradient can follow (docs/tasks.md)
+    constraint_timeconst = 0.1
+    limit_ke: float | None = None  # dflex's soft joint limits (N m / rad past the range); None: Genesis's hard ones
     start_qpos_noise = 0.05
     start_qvel_noise = 0.05
     vel_obs_scale = 0.1
@@ -183,6 +185,17 @@ class LocomotionTask(Task):
             link.set_inertia(rotation.T @ inertia @ rotation)
         self.torso = self.robot.get_link("torso").idx  # solver-global link index
         self.motor_dofs = [self.robot.get_joint(j).dofs_idx_local[0] for j in self.motor_joints]
+        self.motor_qs = [self.robot.get_joint(j).qs_idx_local[0] for j in self.motor_joints]
+        self.limit_spring = None  # (lower, upper, limit_ke) with dflex's soft joint limits
+        if self.limit_ke is not None:
+            # dflex's joint limits are springs, limit_ke x (limit - q) past the range (`sim.py:1455-1459`), added to
+            # the motor torque in step(); Genesis's hard limit constraints are lifted, and its force clamp with them.
+            lower, upper = (torch.as_tensor(x, dtype=torch.float32).reshape(-1, len(self.motor_dofs))[0].to(device)
+                            for x in self.robot.get_dofs_limit(self.motor_dofs))
+            self.limit_spring = (lower, upper, self.limit_ke)
+            far = np.full(len(self.motor_dofs), 1e4)
+            self.robot.set_dofs_limit(-far, far, self.motor_dofs)
+            self.robot.set_dofs_force_range(-far, far, self.motor_dofs)
         self.strength = torch.tensor(self.strengths, device=device)
         self.start_qpos = torch.as_tensor(self.start_pose(), dtype=torch.float32)
         self.progress = torch.zeros(num_envs, dtype=torch.long, device=device)
@@ -242,8 +255,12 @@ class LocomotionTask(Task):
         Returns (reward, terminated, truncated), each (N,). `reward` is differentiable w.r.t. the actions.
         """
         actions = actions.to(self.device).clamp(-1.0, 1.0).reshape(self.num_envs, self.act_dim)
+        torque = actions * self.strength
+        if self.limit_spring is not None:  # dflex's soft limits, from the state at the start of the step
+            (lower, upper, ke), q = self.limit_spring, self.qpos[:, self.motor_qs]
+            torque = torque + ke * ((lower - q).clamp(min=0) - (q - upper).clamp(min=0))
         # The force dtype must equal the scene precision, or Genesis returns a zero gradient without error.
-        self.robot.control_dofs_force((actions * self.strength).to(self.float_dtype), self.motor_dofs)
+        self.robot.control_dofs_force(torque.to(self.float_dtype), self.motor_dofs)
         self._simulate()
         self.progress += 1
         self._read_state()
@@ -302,7 +319,7 @@ class HopperTask(LocomotionTask):
     motor_joints = ("thigh_joint", "leg_joint", "foot_joint")
     strengths = (200.0, 200.0, 200.0)
     friction = 0.9
-    constraint_timeconst = 0.1  # softened contacts: a smooth window loss that SHAC's gradient follows (docs/tasks.md)
+    limit_ke = 1000.0  # dflex's soft joint limits (DiffRL's hopper.py): state SHAC hops faster with them (docs/tasks.md)
     camera_offset = (0.0, -2.2, 0.75)
     camera_lookat_z = 0.8
     critic_obs_dim = 11
@@ -376,7 +393,6 @@ class HumanoidTask(AntTask):
     termination_height = 0.74
     heading_target = (200.0, 0.0)  # DiffRL's humanoid heads for a point 200 m ahead (its ant for one 10 km ahead)
     reward_fn = staticmethod(humanoid_reward)
-    constraint_timeconst = 0.1  # softened contacts, as the hopper's: state SHAC runs with them (docs/tasks.md)
 
     def start_pose(self):
         return np.concatenate([[0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0], np.zeros(21)])

@@ -157,3 +157,63 @@ def test_every_floor_contact_has_dflex_friction(name, request):
                               atol=1e-6), (env, friction[env, :n])
     with torch.enable_grad():
         task.reset()
+
+
+# ------------------------------------------------------------------------------------------------------- joint limits
+DFLEX_LIMIT_KE = 1000.0  # DiffRL envs/hopper.py, ant.py, humanoid.py: parse_mjcf(..., limit_ke=1.e+3)
+
+
+def dflex_limit_torque(q: float, lower: float, upper: float, ke: float) -> float:
+    """dflex's jcalc_tau (`sim.py:1455-1459`): a spring past the range, nothing inside it."""
+    if q < lower:
+        return ke * (lower - q)
+    if q > upper:
+        return ke * (upper - q)
+    return 0.0
+
+
+def mjcf_ranges(mjcf, joints) -> list[tuple[float, float]]:
+    """The joints' ranges in radians, read from the model file."""
+    ranges = {j.get("name"): j.get("range") for j in ET.parse(mjcf).getroot().iter("joint")}
+    return [tuple(math.radians(float(x)) for x in ranges[j].split()) for j in joints]
+
+
+def test_hopper_joint_limits_are_dflex_springs(hopper, monkeypatch):
+    """The hopper has dflex's soft joint limits (`LocomotionTask.limit_ke`): a joint past its range gets dflex's
+    spring on top of its motor torque, and Genesis's own limit is lifted, so that a joint held at full torque against
+    its limit in flight settles strength / limit_ke past it (0.2 rad), where a Genesis limit would stop it within a
+    few hundredths."""
+    task = hopper
+    assert task.limit_spring is not None and task.limit_spring[2] == DFLEX_LIMIT_KE
+    ranges = mjcf_ranges(task.mjcf, task.motor_joints)
+    in_the_air = task.start_qpos.repeat(2, 1).clone()
+    in_the_air[:, 1] = 20.0  # [x, z, pitch, thigh, leg, foot]
+
+    # the torque step() asks Genesis for: motor + spring, with joints past, before and inside their ranges
+    joint_q = [[ranges[0][1] + 0.1, ranges[1][0] - 0.05, 0.0],
+               [ranges[0][0] + 0.2, ranges[1][1] + 0.3, ranges[2][0] - 0.02]]
+    qpos = in_the_air.clone()
+    qpos[:, 3:] = torch.tensor(joint_q)
+    task.set_state(qpos, torch.zeros(2, task.robot.n_dofs))
+    actions = torch.tensor([[0.5, -0.25, 1.0], [-1.0, 0.0, 0.3]])
+    sent = []
+    control = task.robot.control_dofs_force
+    monkeypatch.setattr(task.robot, "control_dofs_force",
+                        lambda force, *args, **kwargs: sent.append(force) or control(force, *args, **kwargs))
+    with torch.no_grad():
+        task.step(actions)
+    expected = [[a * s + dflex_limit_torque(q, lo, hi, DFLEX_LIMIT_KE)
+                 for a, s, q, (lo, hi) in zip(row_a, task.strengths, row_q, ranges)]
+                for row_a, row_q in zip(actions.tolist(), joint_q)]
+    torque = sent[0].double().cpu()
+    assert torch.allclose(torque, torch.tensor(expected, dtype=torch.float64), atol=1e-3), (torque, expected)
+
+    # held at full torque against the thigh's upper limit: it settles strength / limit_ke = 0.2 rad past it
+    task.set_state(in_the_air, torch.zeros(2, task.robot.n_dofs))
+    with torch.no_grad():
+        for _ in range(90):
+            task.step(torch.tensor([[1.0, 0.0, 0.0]] * 2))
+    past = task.qpos[:, 3].cpu() - ranges[0][1]
+    assert torch.allclose(past, torch.full_like(past, task.strengths[0] / DFLEX_LIMIT_KE), atol=0.02), past
+    with torch.enable_grad():
+        task.reset()  # the shared task back at a fresh start, in grad mode
