@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
     "cartpole": dict(config=["--num-envs", "16", "--image-size", "32", "--image-width", "64"], reference=1821.0,
                      title="Visual cart-pole swing-up: 16 envs, 32 x 64 px"),
-    "hopper": dict(config=["--num-envs", "16", "--image-size", "48"], reference=3335.0,
+    "hopper": dict(config=["--num-envs", "16", "--image-size", "48"], reference=4102.0,
                    title="Visual hopper: 16 envs, 48 x 48 px"),
-    "ant": dict(config=["--num-envs", "16", "--image-size", "48"], reference=1757.0,
+    "ant": dict(config=["--num-envs", "16", "--image-size", "48"], reference=5124.0,
                 title="Visual ant: 16 envs, 48 x 48 px"),
-    "humanoid": dict(config=["--num-envs", "16", "--image-size", "48"], reference=7851.0,
+    "humanoid": dict(config=["--num-envs", "16", "--image-size", "48"], reference=9981.0,
                      title="Visual humanoid: 16 envs, 48 x 48 px"),
 }
 # Script and evaluation cadence per method (cart-pole; locomotion): an evaluation about every 1-3 minutes of training.
