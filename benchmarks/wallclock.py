@@ -39,7 +39,7 @@ TASKS = {
                      title="Visual cart-pole swing-up: 16 envs, 32 x 64 px"),
     "hopper": dict(config=["--num-envs", "16", "--image-size", "48"], reference=4102.0,
                    title="Visual hopper: 16 envs, 48 x 48 px"),
-    "ant": dict(config=["--num-envs", "16", "--image-size", "48"], reference=5124.0,
+    "ant": dict(config=["--num-envs", "16", "--image-size", "48"], reference=10367.0,
                 title="Visual ant: 16 envs, 48 x 48 px"),
     "humanoid": dict(config=["--num-envs", "16", "--image-size", "48"], reference=9981.0,
                      title="Visual humanoid: 16 envs, 48 x 48 px"),

@@ -341,6 +341,7 @@ class AntTask(LocomotionTask):
     motor_joints = ("hip_1", "ankle_1", "hip_2", "ankle_2", "hip_3", "ankle_3", "hip_4", "ankle_4")
     strengths = (200.0,) * 8
     friction = 0.75
+    limit_ke = 1000.0  # dflex's soft joint limits (DiffRL's ant.py): state SHAC walks further with them (docs/tasks.md)
     camera_offset = (0.0, -3.0, 1.4)
     camera_lookat_z = 0.3
     critic_obs_dim = 37

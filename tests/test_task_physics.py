@@ -178,6 +178,43 @@ def mjcf_ranges(mjcf, joints) -> list[tuple[float, float]]:
     return [tuple(math.radians(float(x)) for x in ranges[j].split()) for j in joints]
 
 
+@pytest.mark.parametrize("name", ["ant"])
+def test_3d_joint_limits_are_dflex_springs(name, request, monkeypatch):
+    """The ant has dflex's soft joint limits too: the spring holds the model file's ranges at dflex's 1000 N m/rad,
+    Genesis's limits are lifted, and the torque step() sends is the motor's plus dflex's spring, every joint past,
+    before and inside its range."""
+    task = request.getfixturevalue(name)
+    assert task.limit_spring is not None and task.limit_spring[2] == DFLEX_LIMIT_KE
+    ranges = mjcf_ranges(task.mjcf, task.motor_joints)
+    lower, upper = (x.cpu().double() for x in task.limit_spring[:2])
+    assert torch.allclose(lower, torch.tensor([lo for lo, _ in ranges], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(upper, torch.tensor([hi for _, hi in ranges], dtype=torch.float64), atol=1e-5)
+    genesis_lower, genesis_upper = (torch.as_tensor(x).reshape(-1, len(ranges))[0]
+                                    for x in task.robot.get_dofs_limit(task.motor_dofs))
+    assert (genesis_lower <= -1e3).all() and (genesis_upper >= 1e3).all(), (genesis_lower, genesis_upper)
+
+    joint_q = [[hi + 0.1 if j % 2 else lo - 0.05 for j, (lo, hi) in enumerate(ranges)],
+               [(lo + hi) / 2 if j % 2 else hi + 0.3 for j, (lo, hi) in enumerate(ranges)]]
+    qpos = task.start_qpos.repeat(2, 1).clone()
+    qpos[:, 2] = 5.0  # in the air
+    qpos[:, task.motor_qs] = torch.tensor(joint_q)
+    task.set_state(qpos, torch.zeros(2, task.robot.n_dofs))
+    actions = torch.linspace(-1.0, 1.0, 2 * len(ranges)).reshape(2, len(ranges))
+    sent = []
+    control = task.robot.control_dofs_force
+    monkeypatch.setattr(task.robot, "control_dofs_force",
+                        lambda force, *args, **kwargs: sent.append(force) or control(force, *args, **kwargs))
+    with torch.no_grad():
+        task.step(actions)
+    expected = [[a * s + dflex_limit_torque(q, lo, hi, DFLEX_LIMIT_KE)
+                 for a, s, q, (lo, hi) in zip(row_a, task.strengths, row_q, ranges)]
+                for row_a, row_q in zip(actions.tolist(), joint_q)]
+    torque = sent[0].double().cpu()
+    assert torch.allclose(torque, torch.tensor(expected, dtype=torch.float64), atol=1e-3), (torque, expected)
+    with torch.enable_grad():
+        task.reset()  # the shared task back at a fresh start, in grad mode
+
+
 def test_hopper_joint_limits_are_dflex_springs(hopper, monkeypatch):
     """The hopper has dflex's soft joint limits (`LocomotionTask.limit_ke`): a joint past its range gets dflex's
     spring on top of its motor torque, and Genesis's own limit is lifted, so that a joint held at full torque against
