@@ -178,6 +178,22 @@ def mjcf_ranges(mjcf, joints) -> list[tuple[float, float]]:
     return [tuple(math.radians(float(x)) for x in ranges[j].split()) for j in joints]
 
 
+def assert_step_sends_motor_plus_spring(task, qpos, actions, joint_q, ranges, monkeypatch):
+    """From `qpos` (its motor joints at `joint_q`), one step() asks Genesis for the motor torque plus dflex's spring."""
+    task.set_state(qpos, torch.zeros(2, task.robot.n_dofs))
+    sent = []
+    control = task.robot.control_dofs_force
+    monkeypatch.setattr(task.robot, "control_dofs_force",
+                        lambda force, *args, **kwargs: sent.append(force) or control(force, *args, **kwargs))
+    with torch.no_grad():
+        task.step(actions)
+    expected = [[a * s + dflex_limit_torque(q, lo, hi, DFLEX_LIMIT_KE)
+                 for a, s, q, (lo, hi) in zip(row_a, task.strengths, row_q, ranges)]
+                for row_a, row_q in zip(actions.tolist(), joint_q)]
+    torque = sent[0].double().cpu()
+    assert torch.allclose(torque, torch.tensor(expected, dtype=torch.float64), atol=1e-3), (torque, expected)
+
+
 @pytest.mark.parametrize("name", ["ant"])
 def test_3d_joint_limits_are_dflex_springs(name, request, monkeypatch):
     """The ant has dflex's soft joint limits too: the spring holds the model file's ranges at dflex's 1000 N m/rad,
@@ -198,19 +214,8 @@ def test_3d_joint_limits_are_dflex_springs(name, request, monkeypatch):
     qpos = task.start_qpos.repeat(2, 1).clone()
     qpos[:, 2] = 5.0  # in the air
     qpos[:, task.motor_qs] = torch.tensor(joint_q)
-    task.set_state(qpos, torch.zeros(2, task.robot.n_dofs))
-    actions = torch.linspace(-1.0, 1.0, 2 * len(ranges)).reshape(2, len(ranges))
-    sent = []
-    control = task.robot.control_dofs_force
-    monkeypatch.setattr(task.robot, "control_dofs_force",
-                        lambda force, *args, **kwargs: sent.append(force) or control(force, *args, **kwargs))
-    with torch.no_grad():
-        task.step(actions)
-    expected = [[a * s + dflex_limit_torque(q, lo, hi, DFLEX_LIMIT_KE)
-                 for a, s, q, (lo, hi) in zip(row_a, task.strengths, row_q, ranges)]
-                for row_a, row_q in zip(actions.tolist(), joint_q)]
-    torque = sent[0].double().cpu()
-    assert torch.allclose(torque, torch.tensor(expected, dtype=torch.float64), atol=1e-3), (torque, expected)
+    assert_step_sends_motor_plus_spring(task, qpos, torch.linspace(-1.0, 1.0, 2 * len(ranges)).reshape(2, -1),
+                                        joint_q, ranges, monkeypatch)
     with torch.enable_grad():
         task.reset()  # the shared task back at a fresh start, in grad mode
 
@@ -231,19 +236,8 @@ def test_hopper_joint_limits_are_dflex_springs(hopper, monkeypatch):
                [ranges[0][0] + 0.2, ranges[1][1] + 0.3, ranges[2][0] - 0.02]]
     qpos = in_the_air.clone()
     qpos[:, 3:] = torch.tensor(joint_q)
-    task.set_state(qpos, torch.zeros(2, task.robot.n_dofs))
-    actions = torch.tensor([[0.5, -0.25, 1.0], [-1.0, 0.0, 0.3]])
-    sent = []
-    control = task.robot.control_dofs_force
-    monkeypatch.setattr(task.robot, "control_dofs_force",
-                        lambda force, *args, **kwargs: sent.append(force) or control(force, *args, **kwargs))
-    with torch.no_grad():
-        task.step(actions)
-    expected = [[a * s + dflex_limit_torque(q, lo, hi, DFLEX_LIMIT_KE)
-                 for a, s, q, (lo, hi) in zip(row_a, task.strengths, row_q, ranges)]
-                for row_a, row_q in zip(actions.tolist(), joint_q)]
-    torque = sent[0].double().cpu()
-    assert torch.allclose(torque, torch.tensor(expected, dtype=torch.float64), atol=1e-3), (torque, expected)
+    assert_step_sends_motor_plus_spring(task, qpos, torch.tensor([[0.5, -0.25, 1.0], [-1.0, 0.0, 0.3]]), joint_q,
+                                        ranges, monkeypatch)
 
     # held at full torque against the thigh's upper limit: it settles strength / limit_ke = 0.2 rad past it
     task.set_state(in_the_air, torch.zeros(2, task.robot.n_dofs))
