@@ -394,6 +394,7 @@ class HumanoidTask(AntTask):
     termination_height = 0.74
     heading_target = (200.0, 0.0)  # DiffRL's humanoid heads for a point 200 m ahead (its ant for one 10 km ahead)
     reward_fn = staticmethod(humanoid_reward)
+    limit_ke = None  # Genesis's joint limits, not the ant's springs: with them state SHAC does not run (docs/tasks.md)
 
     def start_pose(self):
         return np.concatenate([[0.0, 0.0, self.start_height, 1.0, 0.0, 0.0, 0.0], np.zeros(21)])

@@ -220,6 +220,16 @@ def test_3d_joint_limits_are_dflex_springs(name, request, monkeypatch):
         task.reset()  # the shared task back at a fresh start, in grad mode
 
 
+def test_humanoid_keeps_genesis_joint_limits(humanoid):
+    """The humanoid (a subclass of the ant's task) does not inherit the ant's springs: Genesis's limits stay at the
+    model file's ranges and step() adds no spring."""
+    assert humanoid.limit_spring is None
+    ranges = torch.tensor(mjcf_ranges(humanoid.mjcf, humanoid.motor_joints), dtype=torch.float64)
+    lower, upper = (torch.as_tensor(x).double().reshape(-1, len(ranges))[0]
+                    for x in humanoid.robot.get_dofs_limit(humanoid.motor_dofs))
+    assert torch.allclose(lower, ranges[:, 0], atol=1e-5) and torch.allclose(upper, ranges[:, 1], atol=1e-5)
+
+
 def test_hopper_joint_limits_are_dflex_springs(hopper, monkeypatch):
     """The hopper has dflex's soft joint limits (`LocomotionTask.limit_ke`): a joint past its range gets dflex's
     spring on top of its motor torque, and Genesis's own limit is lifted, so that a joint held at full torque against
