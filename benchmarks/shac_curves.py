@@ -34,21 +34,25 @@ def read_log(path: str, command: str, task: str) -> dict:
 
 
 def plot(out: dict, path: Path):
+    """One column per task (every run of it overlaid), eval return against iterations (top) and minutes (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(out), figsize=(4.5 * len(out), 6.5), squeeze=False)
-    for col, (task, d) in enumerate(out.items()):
+    tasks = [task for task in PAPER if any(name.split("_")[0] == task for name in out)]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for col, task in enumerate(tasks):
         for row, key in enumerate(("iteration", "minutes")):
             ax = axes[row, col]
-            ax.plot([e[key] for e in d["evals"]], [e["eval_return"] for e in d["evals"]], "o-",
-                    label="ours (2-core CPU)")
-            ax.axhline(d["paper_expert"], color="k", ls="--", label="paper's SHAC expert")
+            for name, d in out.items():
+                if name.split("_")[0] == task:
+                    ax.plot([e[key] for e in d["evals"]], [e["eval_return"] for e in d["evals"]], "o-", ms=3,
+                            label=name)
+            ax.axhline(PAPER[task], color="k", ls="--", label="paper's SHAC expert")
             ax.set_xlabel(key)
             ax.set_ylabel("eval return")
-            ax.set_title(f"{task}: state SHAC")
+            ax.set_title(f"{task}: state SHAC (2-core CPU)")
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
