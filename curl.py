@@ -58,7 +58,8 @@ class Args:
     """training iterations; one = one batched env step (x action repeat) of all envs and its updates
     (30000 = 960k sim steps at 16 envs and action repeat 2)"""
     max_minutes: float = 0.0
-    """stop after this many minutes of wall clock (0 = no limit)"""
+    """stop after this many minutes of wall clock (0 = no limit); with --resume: this many more (charts/wall_minutes
+    goes on from the checkpoint's)"""
     image_size: int = 84
     """height in pixels of the images the networks see (after cropping)"""
     image_width: int = 0
@@ -555,6 +556,7 @@ if __name__ == "__main__":
 
     def save(iteration: int):
         save_checkpoint(run_dir / "checkpoint.pt", {
+            "wall_minutes": minutes_before + (time.time() - start_time) / 60,
             **agent.state_dict(), "iteration": iteration, "global_step": global_step, "rng": rng_state(),
             "task_rng": task.rng_state(), "args": vars(args),
         })
@@ -579,6 +581,8 @@ if __name__ == "__main__":
     # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
+    # charts/wall_minutes: the run's wall clock, which a resumed run continues from its checkpoint
+    minutes_before = checkpoint.get("wall_minutes", 0.0) if checkpoint is not None and args.resume else 0.0
     start_time = time.time()
     try:
         for iteration in range(start_iter, args.max_iters + 1):
@@ -626,7 +630,7 @@ if __name__ == "__main__":
             elapsed = time.time() - start_time
             sps = int((iteration - start_iter + 1) * args.num_envs * args.action_repeat / elapsed)
             scalars = {key: float(np.mean(values)) for key, values in metrics.items()}
-            scalars |= {"charts/SPS": sps, "charts/wall_minutes": elapsed / 60, "time/env_s": env_s,
+            scalars |= {"charts/SPS": sps, "charts/wall_minutes": minutes_before + elapsed / 60, "time/env_s": env_s,
                         "time/update_s": update_s, "time/iteration_s": iteration_s}
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, global_step)
@@ -636,7 +640,7 @@ if __name__ == "__main__":
                 ret, score, clip = evaluate(task, agent, args, capture_video=args.capture_video)
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar(f"charts/eval_{task.score_name}", score, global_step)
-                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                print(f"  eval at iter {iteration} ({minutes_before + elapsed / 60:.1f} min): return {ret:.1f}, "
                       f"{report_eval(score)}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)

@@ -63,7 +63,8 @@ class Args:
     max_iters: int | None = None
     """iterations (one = a batched agent step + its updates); default: the authors' 1e7 simulation steps"""
     max_minutes: float = 0.0
-    """stop after this many minutes of wall clock (0 = no limit)"""
+    """stop after this many minutes of wall clock (0 = no limit); with --resume: this many more (charts/wall_minutes
+    goes on from the checkpoint's)"""
     image_size: int = 64
     """image height in pixels (and width, unless --image-width is given)"""
     image_width: int = 0
@@ -756,6 +757,7 @@ if __name__ == "__main__":
     def save(iteration: int):
         save_checkpoint(run_dir / "checkpoint.pt", {
             **{key: module.state_dict() for key, module in {**networks, **optimizers}.items()},
+            "wall_minutes": minutes_before + (time.time() - start_time) / 60,
             "iteration": iteration, "global_step": global_step, "agent_steps": agent_steps,
             "num_updates": num_updates, "update_credit": update_credit, "rng": rng_state(),
             "task_rng": task.rng_state(), "args": vars(args),
@@ -784,6 +786,8 @@ if __name__ == "__main__":
     recent_returns, iteration = [], start_iter - 1
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill` end the run with a checkpoint
         signal.signal(sig, signal.default_int_handler)
+    # charts/wall_minutes: the run's wall clock, which a resumed run continues from its checkpoint
+    minutes_before = checkpoint.get("wall_minutes", 0.0) if checkpoint is not None and args.resume else 0.0
     start_time = time.time()
     try:
         for iteration in range(start_iter, args.max_iters + 1):
@@ -849,9 +853,9 @@ if __name__ == "__main__":
             # Logging, all in one place.
             elapsed = time.time() - start_time
             sps = int((iteration - start_iter + 1) * n * args.action_repeat / elapsed)
-            metrics.update({"charts/SPS": sps, "charts/wall_minutes": elapsed / 60, "charts/updates": num_updates,
-                            "time/env_s": env_s, "time/policy_s": policy_s, "time/update_s": model_s + behaviour_s,
-                            "time/iteration_s": iteration_s})
+            metrics.update({"charts/SPS": sps, "charts/wall_minutes": minutes_before + elapsed / 60,
+                            "charts/updates": num_updates, "time/env_s": env_s, "time/policy_s": policy_s,
+                            "time/update_s": model_s + behaviour_s, "time/iteration_s": iteration_s})
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, global_step)
             out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
@@ -860,7 +864,7 @@ if __name__ == "__main__":
                 ret, score, clip = evaluate(task, world_model, actor, args, capture_video=args.capture_video)
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar(score_tag, score, global_step)
-                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                print(f"  eval at iter {iteration} ({minutes_before + elapsed / 60:.1f} min): return {ret:.1f}, "
                       f"{score_name} {score:.2f}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step, fps=video_fps)

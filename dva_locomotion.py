@@ -58,7 +58,8 @@ class Args:
     """training iterations (one = num_envs x horizon steps); default: the paper's (hopper, ant 30000, humanoid 60000
     for pixels; for state 2000 x 32 / horizon, SHAC's 2000 iterations in env steps)"""
     max_minutes: float = 0.0
-    """stop after this many minutes of wall clock (0 = no limit); learning rates still decay over max_iters"""
+    """stop after this many minutes of wall clock (0 = no limit); learning rates still decay over max_iters; with
+    --resume: this many more (charts/wall_minutes goes on from the checkpoint's)"""
     image_size: int = 84
     """image height and width in pixels"""
     frame_stack: int = 3
@@ -497,6 +498,7 @@ if __name__ == "__main__":
         save_checkpoint(run_dir / name, {
             "actor": actor.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
             "obs_rms": obs_rms.state_dict(), "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "wall_minutes": minutes_before + (time.time() - start_time) / 60,
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
             "task_rng": task.rng_state(), "args": vars(args), "world_size": world_size, "best_return": best_return,
         })
@@ -519,6 +521,8 @@ if __name__ == "__main__":
     # Ctrl-C and `kill` (also of a background job, which ignores SIGINT by default) end the run with a checkpoint.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
+    # charts/wall_minutes: the run's wall clock, which a resumed run continues from its checkpoint
+    minutes_before = checkpoint.get("wall_minutes", 0.0) if checkpoint is not None and args.resume else 0.0
     start_time = time.time()
     try:
         for iteration in range(start_iter, args.max_iters + 1):
@@ -572,7 +576,7 @@ if __name__ == "__main__":
                                ("grads/actor_grad_norm", grad_norm), ("charts/SPS", sps),
                                ("charts/learning_rate", actor_opt.param_groups[0]["lr"]),
                                ("charts/nan_skips", nan_skips), ("charts/idle_fraction", idle_fraction),
-                               ("charts/wall_minutes", elapsed / 60),
+                               ("charts/wall_minutes", minutes_before + elapsed / 60),
                                ("time/render_s", render_s), ("time/forward_s", forward_s),
                                ("time/backward_s", backward_s), ("time/critic_s", critic_s),
                                ("time/iteration_s", iteration_s)):
@@ -586,7 +590,7 @@ if __name__ == "__main__":
                 ret, speed = distributed.mean(ret, speed)  # [distributed] over every rank's envs
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar("charts/eval_forward_velocity", speed, global_step)
-                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                print(f"  eval at iter {iteration} ({minutes_before + elapsed / 60:.1f} min): return {ret:.1f}, "
                       f"forward velocity {speed:.2f} m/s", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)

@@ -56,7 +56,8 @@ class Args:
     max_iters: int = 500
     """stage-2 iterations (one = a segment of every env, then the student's updates)"""
     max_minutes: float = 0.0
-    """stop after this many minutes of wall clock, stage 1 included (0 = no limit)"""
+    """stop after this many minutes of wall clock, stage 1 included (0 = no limit); with --resume: this many more
+    (charts/wall_minutes goes on from the checkpoint's)"""
     image_size: int = 84
     """image height in pixels (and width, unless --image-width is given)"""
     image_width: int = 0
@@ -351,11 +352,13 @@ if __name__ == "__main__":
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
+        minutes_before = checkpoint.get("wall_minutes", 0.0)  # charts/wall_minutes goes on from the checkpoint's
         set_rng_state(checkpoint["rng"])
         task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
+        minutes_before = 0.0
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", hparams_table(args))
     print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}", flush=True)
@@ -363,6 +366,7 @@ if __name__ == "__main__":
     def save(iteration: int):
         save_checkpoint(run_dir / "checkpoint.pt", {
             "student": student.state_dict(), "optimizer": optimizer.state_dict(), "expert": args.expert,
+            "wall_minutes": minutes_before + (time.time() - start_time) / 60,
             "iteration": iteration, "global_step": global_step, "rng": rng_state(),
             "task_rng": task.rng_state(), "args": vars(args),
         })
@@ -403,7 +407,7 @@ if __name__ == "__main__":
             sps = int((iteration - start_iter + 1) * args.num_envs * args.segment_length / (time.time() - loop_start))
             for tag, value in (("losses/bc_loss", bc_loss), ("charts/bc_updates", updates), ("charts/beta", beta),
                                ("charts/buffer_size", buffer.size), ("charts/SPS", sps),
-                               ("charts/wall_minutes", elapsed / 60), ("time/env_s", env_s),
+                               ("charts/wall_minutes", minutes_before + elapsed / 60), ("time/env_s", env_s),
                                ("time/update_s", update_s), ("time/iteration_s", iteration_s)):
                 writer.add_scalar(tag, value, global_step)
             out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
@@ -412,7 +416,7 @@ if __name__ == "__main__":
                 ret, metric, clip = evaluate(task, student, args, capture_video=args.capture_video)
                 writer.add_scalar("charts/eval_return", ret, global_step)
                 writer.add_scalar(metric_tag, metric, global_step)
-                print(f"  eval at iter {iteration} ({elapsed / 60:.1f} min): return {ret:.1f}, "
+                print(f"  eval at iter {iteration} ({minutes_before + elapsed / 60:.1f} min): return {ret:.1f}, "
                       f"{metric_tag.split('_', 1)[1]} {metric:.2f}", flush=True)
                 if clip is not None:
                     write_video(clip, run_dir / f"eval_{iteration:06d}.mp4", writer, step=global_step)

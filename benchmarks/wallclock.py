@@ -13,8 +13,9 @@ cores; 3 frames; D.Va on cart-pole with H = 16, as in the README's run command; 
 RSSM carries the history, and its train ratio, not the env count, sets its updates per agent step) and
 `--max-minutes`; S2V-DAgger's minutes include stage 1 (its state expert: the state SHAC of the D.Va script with its
 defaults), DreamerV3's its prefill and pretraining (the reference's 2500 random agent steps, then 100 updates). A
-run's curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since the script started,
-evaluations included). The table gives the minutes to the threshold, 90 % of the task's state-SHAC eval return
+run's curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since its training loop
+started, evaluations included; S2V-DAgger's since the script started, stage 1 included; a run made in parts with
+`--resume` goes on from its checkpoint's clock). The table gives the minutes to the threshold, 90 % of the task's state-SHAC eval return
 (--reference-return, default the task's in docs/results.md), measured at the evaluations, and each run's best return
 as a share of that reference.
 Writes results/wallclock[_TASK].json and .png; each run's console output goes to logs/wallclock_[TASK_]*.log.

@@ -102,3 +102,23 @@ def assert_one_clear_error(out, cwd, words):
     """The run failed cleanly with one line, "error: ...", that names `words`."""
     lines = failed_cleanly(out, cwd)
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines
+
+
+def stop_clock_at(ckpt, minutes=50.0):
+    """Set the checkpoint's run wall clock to `minutes`, as if the run had been stopped there; returns the global
+    step it was saved at."""
+    import torch
+
+    state = torch.load(ckpt, weights_only=False)
+    state["wall_minutes"] = minutes
+    torch.save(state, ckpt)
+    return state["global_step"]
+
+
+def assert_clock_went_on(run_dir, ckpt, step, minutes=50.0):
+    """The resumed run's charts/wall_minutes (logged after `step`) and its new checkpoint go on from `minutes`."""
+    import torch
+
+    resumed = [e.value for e in scalars(run_dir).Scalars("charts/wall_minutes") if e.step > step]
+    assert resumed and minutes <= min(resumed) <= max(resumed) < minutes + 30, resumed
+    assert torch.load(ckpt, weights_only=False)["wall_minutes"] >= max(resumed)

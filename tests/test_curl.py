@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import curl  # the script (conftest puts the repository on sys.path); __main__ is guarded
-from script_helpers import assert_one_clear_error, run_here, run_script, scalars
+from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
 
 TINY = ["--num-envs", "2", "--image-size", "32", "--image-width", "64", "--batch-size", "8", "--seed-steps", "0",
         "--buffer-size", "400", "--log-every", "1"]
@@ -209,6 +209,7 @@ def test_smoke_run_writes_tags_checkpoint_and_video(trained):
 def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
+    step = stop_clock_at(ckpt)
     before = torch.load(ckpt, weights_only=False)
     # Episodes of 16 steps here, action repeat 8: 2 iterations make one, so the episodic tags appear. The other
     # settings (2 envs, batch 8, ...) are the saved ones, not given again.
@@ -222,6 +223,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert after["num_updates"] == 16 + 4 * 2
     assert not torch.equal(after["actor"]["policy.0.weight"], before["actor"]["policy.0.weight"])
     assert "iter 3/6" in out.stdout and "iter 1/" not in out.stdout
+    assert_clock_went_on(run_dir, ckpt, step)
     acc = scalars(run_dir)
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
     assert lengths and max(lengths) <= 16

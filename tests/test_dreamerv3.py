@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dreamerv3
-from script_helpers import assert_one_clear_error, run_here, run_script, scalars
+from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
 
 # A model small enough for seconds per run: 16 px images (2 conv stages), 4 x 4 latents, widths 16, batches of 2 x 8.
 TINY = ["--num-envs", "2", "--image-size", "16", "--batch-size", "2", "--batch-length", "8", "--buffer-size", "400",
@@ -309,6 +309,7 @@ def test_smoke_run_on_the_locomotion_tasks(tmp_path, task_name):
 def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
+    step = stop_clock_at(ckpt)
     before = torch.load(ckpt, weights_only=False)
     # The replay is refilled by 16 agent steps (8 iterations) of the loaded policy, then 1 update per iteration, no
     # pretraining; episodes of 20 sim steps here (10 agent steps): past iteration 20 every env has finished the
@@ -320,6 +321,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert after["iteration"] == 24 and after["global_step"] == 24 * 2 * 2 and after["agent_steps"] == 48
     assert after["num_updates"] == 4 + (24 - 18 + 1)  # from iteration 18 (agent_steps 20 + 16 refilled)
     assert not torch.equal(after["actor"]["mean.weight"], before["actor"]["mean.weight"])
+    assert_clock_went_on(run_dir, ckpt, step)
     assert "iter 11/24" in out.stdout and "iter 1/" not in out.stdout
     acc = scalars(run_dir)
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import drqv2
-from script_helpers import assert_one_clear_error, run_here, run_script, scalars
+from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
 
 TINY = ["--num-envs", "2", "--image-size", "32", "--image-width", "64", "--batch-size", "8", "--buffer-size", "600",
         "--hidden-dim", "32", "--log-every", "1"]
@@ -201,6 +201,7 @@ def test_smoke_run_writes_tags_checkpoint_and_video(trained):
 def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
+    step = stop_clock_at(ckpt)
     before = torch.load(ckpt, weights_only=False)
     # 3-step returns, the buffer refilled by 8 agent steps of the loaded policy, then 1 update per step; episodes of
     # 20 sim steps here (10 agent steps): past iteration 12 every env has finished one. The other settings (2 envs,
@@ -215,6 +216,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert after["num_updates"] == 4 + (14 - 2) - 3  # none in the first 3 of the 4 refill iterations (8 steps)
     assert not torch.equal(after["actor"]["policy.4.weight"], before["actor"]["policy.4.weight"])
     assert "iter 3/14" in out.stdout and "iter 1/" not in out.stdout
+    assert_clock_went_on(run_dir, ckpt, step)
     acc = scalars(run_dir)
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]
     assert lengths and max(lengths) <= 20 and len(acc.Scalars("charts/episodic_return")) == len(lengths)

@@ -9,8 +9,8 @@ import torch
 
 import dva_locomotion as dl
 from common.task import SimulationBlowUp
-from script_helpers import (ROOT, assert_choice_refused, assert_one_clear_error, failed_cleanly, run_here,
-                            run_script, scalars)
+from script_helpers import (ROOT, assert_choice_refused, assert_clock_went_on, assert_one_clear_error, failed_cleanly,
+                            run_here, run_script, scalars, stop_clock_at)
 
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
@@ -128,12 +128,14 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(task, tmp_path):
     assert re.search(r"iter 2/\d+ +return", out.stdout)
     if task == "hopper":
         # Resume continues the count with the saved settings (2 envs, H = 4, 5 eval steps: none of them given
-        # again), except the flags given with it.
+        # again), except the flags given with it; its wall clock goes on from the checkpoint's.
+        step = stop_clock_at(run_dir / "checkpoint.pt")
         out = run_in_process(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
                              tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
         assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 4
+        assert_clock_went_on(run_dir, run_dir / "checkpoint.pt", step)
         assert after["best_return"] >= ckpt["best_return"]  # the best so far carries over
         assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
                                  "resume": str(run_dir / "checkpoint.pt")}

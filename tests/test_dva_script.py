@@ -6,7 +6,8 @@ import subprocess
 import pytest
 import torch
 from dva_cartpole import linear_lr
-from script_helpers import assert_one_clear_error, failed_cleanly, run_here, run_script, scalars
+from script_helpers import (assert_clock_went_on, assert_one_clear_error, failed_cleanly, run_here, run_script, scalars,
+                            stop_clock_at)
 
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--image-width", "64", "--log-every", "1"]
 TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/eval_return", "charts/eval_success",
@@ -56,6 +57,7 @@ def test_smoke_run_writes_tags_checkpoint_and_video(trained):
 def test_resume_continues_the_count_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
+    step = stop_clock_at(ckpt)
     before = torch.load(ckpt, weights_only=False)
     # Episodes of 20 steps here: 8 more iterations x 4 steps end one in every env, so episodic tags appear. The
     # resumed run draws its frames with the torch ray caster (the renderer is not part of the checkpoint's shapes).
@@ -67,6 +69,7 @@ def test_resume_continues_the_count_and_eval_only_loads(trained):
     assert after["iteration"] == 10 and after["global_step"] == 10 * 2 * 4
     assert not torch.equal(after["actor"]["mu.weight"], before["actor"]["mu.weight"])
     assert "iter 3/10" in out.stdout and "iter 1/" not in out.stdout
+    assert_clock_went_on(run_dir, ckpt, step)
     acc = scalars(run_dir)
     assert set(TAGS) <= set(acc.Tags()["scalars"])
     lengths = [e.value for e in acc.Scalars("charts/episodic_length")]

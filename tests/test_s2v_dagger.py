@@ -5,7 +5,7 @@ import torch
 
 import s2v_dagger as s2v
 from common.utils import Episodes
-from script_helpers import assert_one_clear_error, run_here, run_script, scalars
+from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
 
 TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--image-width", "64", "--batch-size", "4",
         "--max-updates", "3", "--log-every", "1"]
@@ -102,6 +102,7 @@ def test_two_stages_write_tags_checkpoint_and_video(trained):
 def test_resume_continues_and_eval_only_loads(trained):
     cwd, run_dir, _ = trained
     ckpt = run_dir / "checkpoint.pt"
+    step = stop_clock_at(ckpt)
     before = torch.load(ckpt, weights_only=False)
     # the saved settings (2 envs, 4-step segments, ...), not given again, except the flags given with --resume
     out = run_in_process(["--max-iters", "4", "--eval-every", "0", "--resume", str(ckpt)], cwd)
@@ -112,6 +113,7 @@ def test_resume_continues_and_eval_only_loads(trained):
     assert after["global_step"] == 4 * 2 * 4
     assert after["args"] == {**before["args"], "max_iters": 4, "eval_every": 0, "resume": str(ckpt)}
     assert not torch.equal(after["student"]["mu.weight"], before["student"]["mu.weight"])
+    assert_clock_went_on(run_dir, ckpt, step)
 
     out = run_in_process(["--eval-only", str(ckpt)], cwd)  # with the saved settings
     assert out.returncode == 0, out.stderr[-3000:]

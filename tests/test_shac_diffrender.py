@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shac_diffrender as sd
-from script_helpers import assert_one_clear_error, run_here, run_script, scalars
+from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
 
 TINY = ["--num-envs", "2", "--horizon", "3", "--image-size", "24", "--frame-stack", "2", "--critic-iterations", "1",
         "--eval-steps", "5", "--log-every", "1"]
@@ -102,12 +102,14 @@ def test_two_iteration_smoke_run_writes_tags_and_checkpoint(name, tmp_path):
     assert ckpt["iteration"] == 2 and ckpt["global_step"] == 2 * 2 * 3 and ckpt["args"]["task"] == name
     if name == "cartpole":
         # Resume continues the count with the saved settings (2 envs, H = 3: not given again), except the flags given
-        # with it; eval-only takes the saved settings, the task and the shapes from the checkpoint.
+        # with it, and its wall clock; eval-only takes the saved settings, the task and the shapes from the checkpoint.
+        step = stop_clock_at(run_dir / "checkpoint.pt")
         out = run_in_process(["--max-iters", "3", "--eval-every", "0", "--resume", str(run_dir / "checkpoint.pt")],
                              tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         after = torch.load(run_dir / "checkpoint.pt", weights_only=False)
         assert after["iteration"] == 3 and after["global_step"] == 3 * 2 * 3
+        assert_clock_went_on(run_dir, run_dir / "checkpoint.pt", step)
         assert after["args"] == {**ckpt["args"], "max_iters": 3, "eval_every": 0,
                                  "resume": str(run_dir / "checkpoint.pt")}
         out = run_in_process(["--eval-only", str(run_dir / "checkpoint.pt")], tmp_path)
