@@ -170,13 +170,19 @@ def mlp(in_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
 
 
 class Actor(nn.Module):
-    """Gaussian policy with tanh squashing. With pixels: encoder -> trunk (Linear, LayerNorm, Tanh) -> MLP."""
+    """Gaussian policy with tanh squashing. With pixels: encoder -> trunk (Linear, LayerNorm, Tanh) -> MLP; the
+    pixel path has the authors' initialisation (orthogonal, zero bias; gain sqrt 2 for the convolutions, 1 for the
+    trunk), the MLP PyTorch's."""
 
     def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         if len(obs_shape) == 3:
             self.encoder = Encoder(obs_shape)
             self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
+            for layer in [*self.encoder.modules(), self.trunk[0]]:
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.init.orthogonal_(layer.weight, gain=np.sqrt(2) if isinstance(layer, nn.Conv2d) else 1.0)
+                    nn.init.zeros_(layer.bias)
             in_dim = hidden[0]
         else:
             self.encoder, self.trunk, in_dim = nn.Identity(), nn.Identity(), obs_shape[0]

@@ -4,10 +4,12 @@ Stage 1 trains a state expert: the state-based SHAC of `dva_cartpole.py --obs st
 state`, run as a subprocess (or `--expert PATH` loads its checkpoint and skips the stage). Stage 2 rolls out the
 visual student in 32-step segments, labels every visited state with the expert's action, keeps the labelled frames
 in a replay buffer and fits the student to them by MSE, stopping an iteration's updates early once the BC loss falls
-below 0.1. The wall clock (`charts/wall_minutes`) includes stage 1 unless an expert is given.
+below 0.1. The wall clock (`charts/wall_minutes`) includes stage 1; a given expert's training counts only as
+`--expert-minutes` (e.g. its run's last `charts/wall_minutes`).
 
     python s2v_dagger.py --task cartpole --num-envs 16 --image-size 32 --image-width 64     # CPU configuration
     python s2v_dagger.py --task cartpole --expert runs/<state run>/checkpoint.pt            # reuse an expert
+    python s2v_dagger.py --task ant --expert runs/<state run>/checkpoint.pt --expert-minutes 49.3   # and count it
 """
 
 import os
@@ -45,6 +47,9 @@ class Args:
     expert: str | None = None
     """checkpoint of a state expert (a `--obs state` run of dva_cartpole.py / dva_locomotion.py); None = train one
     first (stage 1) and count its time"""
+    expert_minutes: float = 0.0
+    """with --expert: the minutes that expert took to train, counted as stage 1's would be (the wall clock starts
+    there, and --max-minutes includes them)"""
     expert_envs: int = 0
     """stage 1: envs of the state-SHAC run (0 = that script's default)"""
     expert_iters: int = 0
@@ -114,8 +119,11 @@ def finalize_args(args: Args) -> Args:
     problems = range_problems(
         args, at_least_one=("num_envs", "segment_length", "max_iters", "frame_stack", "student_hidden", "batch_size",
                             "max_updates", "buffer_size", "eval_steps", "log_every", "save_every"),
-        non_negative=("expert_envs", "expert_iters", "max_minutes", "bc_loss_stop", "eval_every", "torch_threads"),
+        non_negative=("expert_envs", "expert_iters", "expert_minutes", "max_minutes", "bc_loss_stop", "eval_every",
+                      "torch_threads"),
         positive=("lr",), unit=("beta_decay",))
+    if args.expert_minutes > 0 and args.expert is None:
+        problems.append("--expert-minutes counts a given expert's training: it needs --expert")
     if min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
@@ -138,12 +146,18 @@ def mlp(in_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
 
 
 class Student(nn.Module):
-    """The visual policy: D.Va's pixel actor without its noise (encoder -> trunk -> MLP -> tanh mean)."""
+    """The visual policy: D.Va's pixel actor without its noise (encoder -> trunk -> MLP -> tanh mean), with the
+    authors' initialisation of the pixel path (orthogonal, zero bias; gain sqrt 2 for the convolutions, 1 for the
+    trunk), as their DAgger's student shares their D.Va actor."""
 
     def __init__(self, obs_shape: tuple[int, int, int], act_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         self.encoder = Encoder(obs_shape)
         self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
+        for layer in [*self.encoder.modules(), self.trunk[0]]:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(layer.weight, gain=np.sqrt(2) if isinstance(layer, nn.Conv2d) else 1.0)
+                nn.init.zeros_(layer.bias)
         self.mlp = mlp(hidden[0], hidden)
         self.mu = nn.Linear(hidden[-1], act_dim)
 
@@ -353,12 +367,13 @@ if __name__ == "__main__":
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_iter, global_step = checkpoint["iteration"] + 1, checkpoint["global_step"]
         minutes_before = checkpoint.get("wall_minutes", 0.0)  # charts/wall_minutes goes on from the checkpoint's
+        budget_used = 0.0  # --max-minutes: this many more
         set_rng_state(checkpoint["rng"])
         task.set_rng_state(checkpoint["task_rng"])
         run_dir = Path(args.resume).parent
     else:
         run_dir = Path("runs") / run_name(task.name, args.exp_name, args.seed)
-        minutes_before = 0.0
+        minutes_before = budget_used = args.expert_minutes  # a given expert's training, as stage 1's (else 0)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", hparams_table(args))
     print(f"run folder: {run_dir}  (tensorboard --logdir runs)  device {device}, renderer {renderer}", flush=True)
@@ -410,7 +425,7 @@ if __name__ == "__main__":
                                ("charts/wall_minutes", minutes_before + elapsed / 60), ("time/env_s", env_s),
                                ("time/update_s", update_s), ("time/iteration_s", iteration_s)):
                 writer.add_scalar(tag, value, global_step)
-            out_of_time = args.max_minutes > 0 and elapsed > args.max_minutes * 60
+            out_of_time = args.max_minutes > 0 and budget_used + elapsed / 60 > args.max_minutes
             last = iteration == args.max_iters or out_of_time
             if (args.eval_every > 0 and iteration % args.eval_every == 0) or last:
                 ret, metric, clip = evaluate(task, student, args, capture_video=args.capture_video)

@@ -122,3 +122,17 @@ def assert_clock_went_on(run_dir, ckpt, step, minutes=50.0):
     resumed = [e.value for e in scalars(run_dir).Scalars("charts/wall_minutes") if e.step > step]
     assert resumed and minutes <= min(resumed) <= max(resumed) < minutes + 30, resumed
     assert torch.load(ckpt, weights_only=False)["wall_minutes"] >= max(resumed)
+
+
+def assert_authors_pixel_init(encoder, trunk_linear):
+    """D.Va's models/encoder.py: every convolution orthogonal with gain sqrt 2, the trunk's linear layer with gain 1,
+    zero biases (a layer with fewer outputs than inputs has orthonormal rows times its gain)."""
+    import torch
+
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    for layer, gain in [(conv, 2 ** 0.5) for conv in convs] + [(trunk_linear, 1.0)]:
+        w = layer.weight.detach().flatten(1)
+        assert w.shape[0] < w.shape[1]
+        torch.testing.assert_close(w @ w.T, gain ** 2 * torch.eye(w.shape[0]), atol=1e-4, rtol=0)
+        assert not layer.bias.any()

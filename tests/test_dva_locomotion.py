@@ -9,8 +9,8 @@ import torch
 
 import dva_locomotion as dl
 from common.task import SimulationBlowUp
-from script_helpers import (ROOT, assert_choice_refused, assert_clock_went_on, assert_one_clear_error, failed_cleanly,
-                            run_here, run_script, scalars, stop_clock_at)
+from script_helpers import (ROOT, assert_authors_pixel_init, assert_choice_refused, assert_clock_went_on,
+                            assert_one_clear_error, failed_cleanly, run_here, run_script, scalars, stop_clock_at)
 
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
@@ -201,3 +201,8 @@ def test_critic_has_shac_initialisation():
         gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # 2 I on the smaller side for an orthogonal matrix
         assert torch.allclose(gram, 2.0 * torch.eye(len(gram), dtype=torch.float64), atol=1e-5)
         assert (layer.bias == 0).all()
+
+
+def test_the_pixel_actor_has_the_authors_initialisation():
+    actor = dl.Actor((9, 48, 48), 8, (128, 64, 32))
+    assert_authors_pixel_init(actor.encoder, actor.trunk[0])

@@ -5,7 +5,8 @@ import torch
 
 import s2v_dagger as s2v
 from common.utils import Episodes
-from script_helpers import assert_clock_went_on, assert_one_clear_error, run_here, run_script, scalars, stop_clock_at
+from script_helpers import (assert_authors_pixel_init, assert_clock_went_on, assert_one_clear_error, run_here,
+                            run_script, scalars, stop_clock_at)
 
 TINY = ["--num-envs", "2", "--segment-length", "4", "--image-size", "32", "--image-width", "64", "--batch-size", "4",
         "--max-updates", "3", "--log-every", "1"]
@@ -119,6 +120,29 @@ def test_resume_continues_and_eval_only_loads(trained):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval over 2 episodes" in out.stdout
     assert "mean return" in out.stdout and (run_dir / "eval_only.mp4").exists()
+
+
+def test_the_student_has_the_authors_initialisation():
+    student = s2v.Student((9, 48, 48), 8, (128, 64, 32))
+    assert_authors_pixel_init(student.encoder, student.trunk[0])
+
+
+def test_a_given_experts_minutes_count_as_stage_1s(tmp_path, trained):
+    """--expert-minutes 40: the wall clock starts at 40 and --max-minutes 30 includes them, so the run stops (and
+    evaluates) after its first iteration."""
+    expert = torch.load(trained[1] / "checkpoint.pt", weights_only=False)["expert"]
+    out = run_in_process([*TINY, "--expert", expert, "--expert-minutes", "40", "--max-minutes", "30", "--max-iters",
+                          "5", "--eval-every", "0", "--eval-steps", "3"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stage 1" not in out.stdout and "--max-minutes 30.0 reached" in out.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 1
+    minutes = [e.value for e in scalars(run_dir).Scalars("charts/wall_minutes")]
+    assert len(minutes) == 1 and 40 <= minutes[0] < 45
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert_one_clear_error(run_in_process(["--expert-minutes", "5"], elsewhere), elsewhere,
+                           "--expert-minutes counts a given expert's training: it needs --expert")
 
 
 def test_bad_input_gives_one_clear_error(tmp_path, trained):

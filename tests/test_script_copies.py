@@ -17,7 +17,9 @@ INTENDED = {
     "Args": {s: "each script's own settings" for s in SCRIPTS},
     "finalize_args": {s: "each script's own checks" for s in SCRIPTS},
     "evaluate": {s: "each task's score, and shac_diffrender's renderer" for s in SCRIPTS},
-    "Actor": {"shac_diffrender": "pixels only"},
+    # the authors' initialisation of the pixel path in dva_locomotion.py; dva_cartpole.py keeps PyTorch's, with which
+    # its results in docs/results.md were measured
+    "Actor": {"shac_diffrender": "pixels only", "dva_locomotion": "the authors' initialisation of the pixel path"},
     # SHAC's initialisation (orthogonal, gain sqrt 2) in dva_locomotion.py; the others keep PyTorch's, with which
     # their results in docs/results.md were measured
     "Critic": {"dva_cartpole": "PyTorch's initialisation", "shac_diffrender": "PyTorch's initialisation"},
