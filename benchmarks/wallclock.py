@@ -6,6 +6,8 @@ DreamerV3 on a visual task, each run as a user runs it, one after another, for t
     python benchmarks/wallclock.py --plot-only                       # re-read the runs already made and re-plot
     python benchmarks/wallclock.py --reuse dva=runs/RUN_FOLDER       # D.Va's curve: a run of the README's command
     python benchmarks/wallclock.py --task ant --methods dva s2v_dagger --minutes 150   # the distillation comparison
+    python benchmarks/wallclock.py --task ant --methods dva --minutes 0.01 --workdir /tmp/check \
+        --script-args "--num-envs 2 --eval-steps 5"                  # a check that the command runs, in seconds
 
 Every method gets the task's CPU configuration (`TASKS`: cart-pole 16 envs at 32 x 64 px; hopper, ant and humanoid
 16 envs at 48 x 48 px, the scale of docs/results.md's visual locomotion runs, about 1-2 s per D.Va iteration on 2
@@ -15,13 +17,14 @@ RSSM carries the history, and its train ratio, not the env count, sets its updat
 defaults), DreamerV3's its prefill and pretraining (the reference's 2500 random agent steps, then 100 updates). A
 run's curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since its training loop
 started, evaluations included; S2V-DAgger's since the script started, stage 1 included; a run made in parts with
-`--resume` goes on from its checkpoint's clock). The table gives the minutes to the threshold, 90 % of the task's state-SHAC eval return
-(--reference-return, default the task's in docs/results.md), measured at the evaluations, and each run's best return
-as a share of that reference.
+`--resume` goes on from its checkpoint's clock). The table gives the minutes to the threshold, 90 % of the task's
+state-SHAC eval return (--reference-return, default the task's in docs/results.md), measured at the evaluations, and
+each run's best return as a share of that reference.
 Writes results/wallclock[_TASK].json and .png; each run's console output goes to logs/wallclock_[TASK_]*.log.
 """
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -78,6 +81,11 @@ class BenchArgs:
     command with another --exp-name, e.g. the README's D.Va command) instead of running the method again"""
     plot_only: bool = False
     """do not run anything: read the latest wallclock runs in runs/ and write the table and plot"""
+    script_args: str = ""
+    """more flags for every run's script, after the task's configuration (a flag given again wins there), e.g.
+    --device cuda, or a short check's --num-envs 2 --eval-steps 5"""
+    workdir: str = ""
+    """folder the runs are made in and read from: its runs/ and logs/ (default: the repository's)"""
     out: str = "results"
     """folder for the JSON and the plot"""
 
@@ -88,14 +96,15 @@ def script_and_flags(method: str, task: str) -> tuple[str, list[str]]:
     return script, [*task_flag, *TASKS[task]["config"], *extra]
 
 
-def command(method: str, task: str, seed: int, minutes: float, exp_name: str | None = None) -> list[str]:
+def command(method: str, task: str, seed: int, minutes: float, exp_name: str | None = None,
+            script_args: str = "") -> list[str]:
     script, flags = script_and_flags(method, task)
-    return [sys.executable, str(ROOT / script), *flags, "--seed", str(seed), "--max-minutes", str(minutes),
-            "--exp-name", exp_name or f"wallclock_{method}"]
+    return [sys.executable, str(ROOT / script), *flags, *shlex.split(script_args), "--seed", str(seed), "--max-minutes",
+            str(minutes), "--exp-name", exp_name or f"wallclock_{method}"]
 
 
-def latest_run(method: str, task: str, seed: int) -> Path | None:
-    runs = sorted((ROOT / "runs").glob(f"{task}__wallclock_{method}__{seed}__*"), key=lambda p: p.name)
+def latest_run(workdir: Path, method: str, task: str, seed: int) -> Path | None:
+    runs = sorted((workdir / "runs").glob(f"{task}__wallclock_{method}__{seed}__*"), key=lambda p: p.name)
     return runs[-1] if runs else None
 
 
@@ -129,19 +138,20 @@ if __name__ == "__main__":
                  f"(got {bad or args.reuse} with seeds {args.seeds})")
     reference = args.reference_return or TASKS[args.task]["reference"]
     suffix = "" if args.task == "cartpole" else f"_{args.task}"  # cart-pole's files keep their names
-    (ROOT / "logs").mkdir(exist_ok=True)
+    workdir = Path(args.workdir).resolve() if args.workdir else ROOT
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         for seed in args.seeds:
             for method in args.methods:
                 if method in reused:
                     print(f"{method} seed {seed}: reusing {reused[method]}")
                     continue
-                cmd = command(method, args.task, seed, args.minutes)
-                log = ROOT / "logs" / f"wallclock{suffix}_{method}_{seed}.log"
+                cmd = command(method, args.task, seed, args.minutes, script_args=args.script_args)
+                log = workdir / "logs" / f"wallclock{suffix}_{method}_{seed}.log"
                 print(f"{method} seed {seed}: {' '.join(cmd[1:])}  (output: {log})", flush=True)
                 start = time.time()
                 with open(log, "w") as f:
-                    code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+                    code = subprocess.run(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT).returncode
                 print(f"  exit code {code} after {(time.time() - start) / 60:.1f} min", flush=True)
 
     threshold = 0.9 * reference
@@ -149,7 +159,7 @@ if __name__ == "__main__":
                "runs": {}}
     for method in args.methods:
         for seed in args.seeds:
-            run_dir = ROOT / reused[method] if method in reused else latest_run(method, args.task, seed)
+            run_dir = ROOT / reused[method] if method in reused else latest_run(workdir, method, args.task, seed)
             if run_dir is None:
                 print(f"{method} seed {seed}: no run found in runs/")
                 continue
@@ -159,7 +169,7 @@ if __name__ == "__main__":
                 "run": run_dir.name, "curve": curve,
                 "command": " ".join(["python", script_and_flags(method, args.task)[0], *command(
                     method, args.task, seed, args.minutes,
-                    run_dir.name.split("__")[1] if method in reused else None)[2:]]),
+                    run_dir.name.split("__")[1] if method in reused else None, args.script_args)[2:]]),
                 "minutes_to_threshold": minutes_to(curve, threshold), "best_return": best,
                 "best_share_of_reference": None if best is None else best / reference}
 

@@ -45,3 +45,22 @@ def test_table_and_plot_from_a_reused_run(tmp_path):
     assert run_result["minutes_to_threshold"] == 6.0 and run_result["curve"][1] == pytest.approx([4.0, 2600.0, 2.6])
     assert run_result["command"].startswith("python dva_locomotion.py --task hopper --num-envs 16 --image-size 48")
     assert (tmp_path / "wallclock_hopper.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("task, method", [("hopper", "s2v_dagger"), ("ant", "dva"), ("humanoid", "dva")])
+def test_a_tiny_budget_runs_the_method_on_the_task(task, method, tmp_path):
+    """The benchmark as a user runs it, one method per locomotion task, shrunk by --script-args to 2 envs and a
+    few steps: the script runs in --workdir, stops at the budget after its first iteration and evaluates, and the
+    table and JSON read that evaluation back."""
+    shrink = "--num-envs 2 --eval-steps 3" + (" --expert-envs 2 --expert-iters 1 --segment-length 4"
+                                              if method == "s2v_dagger" else " --horizon 4")
+    out = subprocess.run([sys.executable, "benchmarks/wallclock.py", "--task", task, "--methods", method,
+                          "--minutes", "0.001", "--script-args", shrink, "--workdir", str(tmp_path), "--out",
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "exit code 0" in out.stdout, (tmp_path / "logs" / f"wallclock_{task}_{method}_1.log").read_text()[-3000:]
+    (run,) = (tmp_path / "runs").glob(f"{task}__wallclock_{method}__1__*")
+    result = json.loads((tmp_path / f"wallclock_{task}.json").read_text())["runs"][f"{method}/1"]
+    assert result["run"] == run.name and len(result["curve"]) == 1  # the one evaluation, at the budget's end
+    assert f"--task {task} --num-envs 16 --image-size 48" in result["command"] and shrink in result["command"]
+    assert not (ROOT / "runs" / run.name).exists()
