@@ -7,7 +7,7 @@ DreamerV3 on a visual task, each run as a user runs it, one after another, for t
     python benchmarks/wallclock.py --reuse dva=runs/RUN_FOLDER       # D.Va's curve: a run of the README's command
     python benchmarks/wallclock.py --task ant --methods dva s2v_dagger --minutes 150   # the distillation comparison
     python benchmarks/wallclock.py --task ant --methods dva --minutes 0.01 --workdir /tmp/check \
-        --script-args "--num-envs 2 --eval-steps 5"                  # a check that the command runs, in seconds
+        --script-args="--num-envs 2 --eval-steps 5"                  # a check that the command runs, in seconds
 
 Every method gets the task's CPU configuration (`TASKS`: cart-pole 16 envs at 32 x 64 px; hopper, ant and humanoid
 16 envs at 48 x 48 px, the scale of docs/results.md's visual locomotion runs, about 1-2 s per D.Va iteration on 2
@@ -82,8 +82,8 @@ class BenchArgs:
     plot_only: bool = False
     """do not run anything: read the latest wallclock runs in runs/ and write the table and plot"""
     script_args: str = ""
-    """more flags for every run's script, after the task's configuration (a flag given again wins there), e.g.
-    --device cuda, or a short check's --num-envs 2 --eval-steps 5"""
+    """more flags for every run's script, after the task's configuration (a flag given again wins there), given
+    with "=" since they start with "--" (e.g. --script-args="--device cuda")"""
     workdir: str = ""
     """folder the runs are made in and read from: its runs/ and logs/ (default: the repository's)"""
     out: str = "results"

@@ -55,7 +55,7 @@ def test_a_tiny_budget_runs_the_method_on_the_task(task, method, tmp_path):
     shrink = "--num-envs 2 --eval-steps 3" + (" --expert-envs 2 --expert-iters 1 --segment-length 4"
                                               if method == "s2v_dagger" else " --horizon 4")
     out = subprocess.run([sys.executable, "benchmarks/wallclock.py", "--task", task, "--methods", method,
-                          "--minutes", "0.001", "--script-args", shrink, "--workdir", str(tmp_path), "--out",
+                          "--minutes", "0.001", f"--script-args={shrink}", "--workdir", str(tmp_path), "--out",
                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exit code 0" in out.stdout, (tmp_path / "logs" / f"wallclock_{task}_{method}_1.log").read_text()[-3000:]
