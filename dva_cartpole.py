@@ -45,6 +45,9 @@ class Args:
     caster of common/diff_render.py"""
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
+    detach_state: bool = False
+    """with --obs state: detach the actor's input, so the gradient is D.Va's decoupled one on the state (the paper's
+    Fig. 13, SHAC with actor(obs.detach())); the default keeps SHAC's full gradient"""
     num_envs: int = 64
     """number of parallel envs (under torchrun: of all ranks together, split evenly)"""
     horizon: int = 32
@@ -129,6 +132,8 @@ def finalize_args(args: Args, world_size: int = 1) -> Args:
     if args.num_envs % world_size:
         problems.append(f"--num-envs {args.num_envs} must be divisible by the number of ranks, {world_size}: "
                         f"every rank simulates num_envs / world_size envs")
+    if pixels and args.detach_state:
+        problems.append("--detach-state is for --obs state (the pixels are detached already)")
     if pixels and min(args.image_size, args.image_width) < 15:
         problems.append(f"--image-size/--image-width must be >= 15 px for the encoder "
                         f"(got {args.image_size}x{args.image_width})")
@@ -182,11 +187,13 @@ class Critic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- algorithm
-def actor_input(task, frames, obs_rms, pixels: bool) -> torch.Tensor:
-    """Stacked frames (uint8, no gradient: the decoupling) or the normalised state (SHAC: with gradient)."""
+def actor_input(task, frames, obs_rms, pixels: bool, detach_state: bool = False) -> torch.Tensor:
+    """Stacked frames (uint8, no gradient: the decoupling) or the normalised state (SHAC: with gradient, unless
+    detach_state asks for the decoupled gradient)."""
     if pixels:
         return frames.push(task.render())
-    return obs_rms.normalize(task.critic_obs())
+    state = obs_rms.normalize(task.critic_obs())
+    return state.detach() if detach_state else state
 
 
 class Window(NamedTuple):
@@ -220,7 +227,7 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
         obs_buf[t] = task.critic_obs().detach()
         valid_buf[t] = alive
         start = time.perf_counter()
-        obs = actor_input(task, frames, obs_rms, pixels)
+        obs = actor_input(task, frames, obs_rms, pixels, args.detach_state)
         render_s += time.perf_counter() - start
         reward, terminated, truncated = task.step(actor(obs))
         # V'(s_{t+1}) from the target critic: zero after an early termination, the state's value after a time limit.

@@ -29,7 +29,7 @@ import torch.nn as nn
 import tyro
 
 from common import distributed
-from common.encoder import Encoder
+from common.encoder import Encoder, init_pixel_path
 from common.task import SimulationBlowUp
 from common.utils import Episodes, FrameStack, load_checkpoint, range_problems
 
@@ -49,6 +49,9 @@ class Args:
     caster of common/diff_render.py"""
     obs: Literal["pixels", "state"] = "pixels"
     """what the actor sees: stacked RGB frames (D.Va) or the normalised state (state-based SHAC)"""
+    detach_state: bool = False
+    """with --obs state: detach the actor's input, so the gradient is D.Va's decoupled one on the state (the paper's
+    Fig. 13, SHAC with actor(obs.detach())); the default keeps SHAC's full gradient"""
     num_envs: int | None = None
     """number of parallel envs (default: 64; 256 for hopper with --obs state, as SHAC); under torchrun: of all ranks
     together, split evenly"""
@@ -149,6 +152,8 @@ def finalize_args(args: Args, world_size: int = 1) -> Args:
     if args.num_envs % world_size:
         problems.append(f"--num-envs {args.num_envs} must be divisible by the number of ranks, {world_size}: "
                         f"every rank simulates num_envs / world_size envs")
+    if pixels and args.detach_state:
+        problems.append("--detach-state is for --obs state (the pixels are detached already)")
     if pixels and args.image_size < 15:
         problems.append(f"--image-size must be >= 15 px for the encoder (got {args.image_size})")
     for flag, path in (("--resume", args.resume), ("--eval-only", args.eval_only)):
@@ -179,10 +184,7 @@ class Actor(nn.Module):
         if len(obs_shape) == 3:
             self.encoder = Encoder(obs_shape)
             self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
-            for layer in [*self.encoder.modules(), self.trunk[0]]:
-                if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                    nn.init.orthogonal_(layer.weight, gain=np.sqrt(2) if isinstance(layer, nn.Conv2d) else 1.0)
-                    nn.init.zeros_(layer.bias)
+            init_pixel_path(self.encoder, self.trunk[0])
             in_dim = hidden[0]
         else:
             self.encoder, self.trunk, in_dim = nn.Identity(), nn.Identity(), obs_shape[0]
@@ -213,11 +215,13 @@ class Critic(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- algorithm
-def actor_input(task, frames, obs_rms, pixels: bool) -> torch.Tensor:
-    """Stacked frames (uint8, no gradient: the decoupling) or the normalised state (SHAC: with gradient)."""
+def actor_input(task, frames, obs_rms, pixels: bool, detach_state: bool = False) -> torch.Tensor:
+    """Stacked frames (uint8, no gradient: the decoupling) or the normalised state (SHAC: with gradient, unless
+    detach_state asks for the decoupled gradient)."""
     if pixels:
         return frames.push(task.render())
-    return obs_rms.normalize(task.critic_obs())
+    state = obs_rms.normalize(task.critic_obs())
+    return state.detach() if detach_state else state
 
 
 class Window(NamedTuple):
@@ -251,7 +255,7 @@ def rollout_window(task, actor, target_critic, obs_rms, frames, args, episode):
         obs_buf[t] = task.critic_obs().detach()
         valid_buf[t] = alive
         start = time.perf_counter()
-        obs = actor_input(task, frames, obs_rms, pixels)
+        obs = actor_input(task, frames, obs_rms, pixels, args.detach_state)
         render_s += time.perf_counter() - start
         reward, terminated, truncated = task.step(actor(obs))
         # V'(s_{t+1}) from the target critic: zero after an early termination, the state's value after a time limit.

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import tyro
 
-from common.encoder import Encoder
+from common.encoder import Encoder, init_pixel_path
 from common.tasks import TaskName
 from common.utils import Episodes, FrameStack, load_checkpoint, range_problems
 
@@ -154,10 +154,7 @@ class Student(nn.Module):
         super().__init__()
         self.encoder = Encoder(obs_shape)
         self.trunk = nn.Sequential(nn.Linear(self.encoder.repr_dim, hidden[0]), nn.LayerNorm(hidden[0]), nn.Tanh())
-        for layer in [*self.encoder.modules(), self.trunk[0]]:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(layer.weight, gain=np.sqrt(2) if isinstance(layer, nn.Conv2d) else 1.0)
-                nn.init.zeros_(layer.bias)
+        init_pixel_path(self.encoder, self.trunk[0])
         self.mlp = mlp(hidden[0], hidden)
         self.mu = nn.Linear(hidden[-1], act_dim)
 

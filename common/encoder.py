@@ -1,5 +1,7 @@
 """The DrQ-v2 image encoder that D.Va and the pixel baselines share."""
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -27,3 +29,12 @@ class Encoder(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.float() / 255.0 - 0.5
         return self.convs(x).flatten(1)
+
+
+def init_pixel_path(encoder: Encoder, trunk_linear: nn.Linear) -> None:
+    """The D.Va authors' initialisation of a pixel actor's encoder and trunk: orthogonal weights (gain sqrt 2 for the
+    convolutions, 1 for the trunk's linear layer) and zero biases. DrQ-v2, CURL and dva_cartpole.py keep their own."""
+    for layer in [*encoder.modules(), trunk_linear]:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.orthogonal_(layer.weight, gain=math.sqrt(2) if isinstance(layer, nn.Conv2d) else 1.0)
+            nn.init.zeros_(layer.bias)

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,6 +96,29 @@ def test_blown_up_env_is_reset_and_training_continues(agent):
     assert not task.rigid.get_error_envs_mask().any() and task.progress[0] == 0
     grad_norm, skipped = dl.actor_update(task, actor, opt, window(agent), args.max_grad_norm)
     assert not skipped and torch.isfinite(params(actor)).all()
+    task.reset()
+
+
+def test_detach_state_gives_the_decoupled_gradient(agent):
+    """--detach-state (the paper's Fig. 13): the actor sees the state without its gradient, so the window's gradient
+    drops SHAC's path through the actor's inputs and differs from the full one, from the same start and noise."""
+    task, args, actor, critic, obs_rms, _, episode = agent
+    inputs_need_grad = []
+    hook = actor.register_forward_pre_hook(lambda module, inputs: inputs_need_grad.append(inputs[0].requires_grad))
+    start, grads = task.snapshot(), {}
+    for detach in (False, True):
+        task.restore(start)
+        task.cut_graph()
+        inputs_need_grad.clear()
+        torch.manual_seed(0)
+        loss = dl.rollout_window(task, actor, critic, obs_rms, None, replace(args, detach_state=detach), episode)[0]
+        actor.zero_grad()
+        task.backward(loss)
+        grads[detach] = torch.cat([p.grad.flatten() for p in actor.parameters()])
+        assert any(inputs_need_grad) != detach, (detach, inputs_need_grad)
+    hook.remove()
+    assert torch.isfinite(grads[True]).all() and grads[True].norm() > 0
+    assert not torch.allclose(grads[True], grads[False], rtol=1e-3, atol=1e-6)
     task.reset()
 
 
