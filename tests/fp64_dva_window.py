@@ -22,7 +22,7 @@ import dva_cartpole as dc  # noqa: E402
 from common.utils import Episodes, FrameStack, RunningMeanStd  # noqa: E402
 
 H = 12
-ARGS = SimpleNamespace(horizon=H, gamma=0.99, obs="state", frame_stack=3)
+ARGS = SimpleNamespace(horizon=H, gamma=0.99, obs="state", detach_state=False, frame_stack=3)
 # One start per env ([x, theta], [xdot, thetadot]). Env 1 runs at 10 m/s towards the track's end (2.5 m), which it
 # crosses a few steps into the window whatever the actor does (+-1000 N cannot stop it in time); env 2 starts
 # TRUNCATE_AFTER steps before its time limit, so its return closes (bootstrapped) at step TRUNCATE_AFTER - 1.
