@@ -124,15 +124,24 @@ def assert_clock_went_on(run_dir, ckpt, step, minutes=50.0):
     assert torch.load(ckpt, weights_only=False)["wall_minutes"] >= max(resumed)
 
 
+def assert_orthogonal_init(layer, gain):
+    """An orthogonal weight times `gain` (gain^2 I on the smaller side of the flattened weight, in fp64) and a zero
+    bias: PyTorch's default (uniform, non-zero bias) fails both."""
+    import torch
+
+    w = layer.weight.detach().double().flatten(1)
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    torch.testing.assert_close(gram, gain ** 2 * torch.eye(len(gram), dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    assert not layer.bias.any()
+
+
 def assert_authors_pixel_init(encoder, trunk_linear):
     """D.Va's models/encoder.py: every convolution orthogonal with gain sqrt 2, the trunk's linear layer with gain 1,
-    zero biases (a layer with fewer outputs than inputs has orthonormal rows times its gain)."""
+    zero biases (each of these layers has fewer outputs than inputs: orthonormal rows times its gain)."""
     import torch
 
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 4
     for layer, gain in [(conv, 2 ** 0.5) for conv in convs] + [(trunk_linear, 1.0)]:
-        w = layer.weight.detach().flatten(1)
-        assert w.shape[0] < w.shape[1]
-        torch.testing.assert_close(w @ w.T, gain ** 2 * torch.eye(w.shape[0]), atol=1e-4, rtol=0)
-        assert not layer.bias.any()
+        assert layer.weight.flatten(1).shape[0] < layer.weight.flatten(1).shape[1]
+        assert_orthogonal_init(layer, gain)

@@ -11,7 +11,8 @@ import torch
 import dva_locomotion as dl
 from common.task import SimulationBlowUp
 from script_helpers import (ROOT, assert_authors_pixel_init, assert_choice_refused, assert_clock_went_on,
-                            assert_one_clear_error, failed_cleanly, run_here, run_script, scalars, stop_clock_at)
+                            assert_one_clear_error, assert_orthogonal_init, failed_cleanly, run_here, run_script,
+                            scalars, stop_clock_at)
 
 SCRIPT = str(ROOT / "dva_locomotion.py")
 TINY = ["--num-envs", "2", "--horizon", "4", "--image-size", "32", "--eval-steps", "5", "--log-every", "1"]
@@ -221,10 +222,7 @@ def test_critic_has_shac_initialisation():
     layers = [m for m in critic.modules() if isinstance(m, torch.nn.Linear)]
     assert len(layers) == 3
     for layer in layers:
-        w = layer.weight.detach().double()
-        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # 2 I on the smaller side for an orthogonal matrix
-        assert torch.allclose(gram, 2.0 * torch.eye(len(gram), dtype=torch.float64), atol=1e-5)
-        assert (layer.bias == 0).all()
+        assert_orthogonal_init(layer, 2 ** 0.5)
 
 
 def test_the_pixel_actor_has_the_authors_initialisation():
