@@ -55,7 +55,8 @@ METHODS = {
     "drqv2": (("drqv2.py", ["--eval-every", "200"]), ("drqv2.py", ["--eval-every", "200"])),
     "curl": (("curl.py", ["--eval-every", "100"]), ("curl.py", ["--eval-every", "100"])),
     "s2v_dagger": (("s2v_dagger.py", ["--eval-every", "50", "--expert-envs", "32"]),
-                   ("s2v_dagger.py", ["--eval-every", "50"])),  # its expert: the script's state defaults
+                   ("s2v_dagger.py", ["--eval-every", "50", "--max-iters", "10000"])),  # its expert: the script's
+    # state defaults; 10000 iterations (the authors' max_epochs) so that the budget ends it, not the script's 500
     "dreamerv3": (("dreamerv3.py", ["--eval-every", "2"]), ("dreamerv3.py", ["--eval-every", "2"])),
     # DreamerV3: 8 updates (measured 50 s) per iteration; evaluations wait for the first update (157 iterations of
     # prefill, then 100 pretraining updates, about 11 minutes)

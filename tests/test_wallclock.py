@@ -20,6 +20,8 @@ def test_every_method_runs_its_script_on_the_task_at_its_cpu_size(task):
         assert ("--task" not in flags) if script == "dva_cartpole.py" else f"--task {task}" in flags
         assert "--num-envs 16" in flags and "--seed 3 --max-minutes 7.5" in flags
         assert ("--image-size 32 --image-width 64" if task == "cartpole" else "--image-size 48") in flags
+    # on a locomotion task the budget ends S2V-DAgger's stage 2, not the script's 500 iterations
+    assert ("--max-iters 10000" in " ".join(command("s2v_dagger", task, 1, 150.0))) == (task != "cartpole")
 
 
 def test_table_and_plot_from_a_reused_run(tmp_path):
