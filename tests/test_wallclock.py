@@ -22,6 +22,9 @@ def test_every_method_runs_its_script_on_the_task_at_its_cpu_size(task):
         assert ("--image-size 32 --image-width 64" if task == "cartpole" else "--image-size 48") in flags
     # on a locomotion task the budget ends S2V-DAgger's stage 2, not the script's 500 iterations
     assert ("--max-iters 10000" in " ".join(command("s2v_dagger", task, 1, 150.0))) == (task != "cartpole")
+    # D.Va's hopper decays its learning rates over the 3500 iterations its 88 minutes hold, as docs/results.md's command
+    dva = " ".join(command("dva", task, 1, 88.0))
+    assert ("--eval-every 250 --max-iters 3500 --seed 1" in dva) == (task == "hopper")
 
 
 def test_table_and_plot_from_a_reused_run(tmp_path):
