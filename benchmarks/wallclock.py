@@ -12,9 +12,9 @@ DreamerV3 on a visual task, each run as a user runs it, one after another, for t
 
 Every method gets the task's CPU configuration (`TASKS`: cart-pole 16 envs at 32 x 64 px; hopper, ant and humanoid
 16 envs at 48 x 48 px, the scale of docs/results.md's visual locomotion runs, about 1-2 s per D.Va iteration on 2
-cores; 3 frames; D.Va on cart-pole with H = 16, as in the README's run command, on hopper with its learning
-rates decaying over 3500 iterations, as in docs/results.md's; DreamerV3 has no frame stack, its
-RSSM carries the history, and its train ratio, not the env count, sets its updates per agent step) and
+cores; 3 frames; D.Va on cart-pole with H = 16, as in the README's run command, on hopper with its learning rates
+decaying over 3500 iterations, as in docs/results.md's; DreamerV3 has no frame stack, its RSSM carries the history,
+and its train ratio, not the env count, sets its updates per agent step) and
 `--max-minutes`; S2V-DAgger's minutes include stage 1 (its state expert: the state SHAC of the D.Va script with its
 defaults), DreamerV3's its prefill and pretraining (the reference's 2500 random agent steps, then 100 updates). A
 run's curve is its `charts/eval_return` against its own `charts/wall_minutes` (time since its training loop
