@@ -21,7 +21,9 @@ run's curve is its `charts/eval_return` against its own `charts/wall_minutes` (t
 started, evaluations included; S2V-DAgger's since the script started, stage 1 included; a run made in parts with
 `--resume` goes on from its checkpoint's clock). The table gives the minutes to the threshold, 90 % of the task's
 state-SHAC eval return (--reference-return, default the task's in docs/results.md), measured at the evaluations, and
-each run's best return as a share of that reference.
+each run's best return as a share of that reference; a second table gives every run at the same wall clock (every 15
+minutes, and the budget's end, whose evaluation the cap makes a little after it): its last evaluation at or before it
+and its best so far.
 Writes results/wallclock[_TASK].json and .png; each run's console output goes to logs/wallclock_[TASK_]*.log.
 """
 
@@ -131,6 +133,18 @@ def minutes_to(curve, threshold: float) -> float | None:
     return next((m for m, ret, _ in curve if ret >= threshold), None)
 
 
+def at_minutes(curve, minutes: float) -> tuple[float, float] | None:
+    """The run at a wall clock: its last evaluation at or before it and the best evaluation so far (None before its
+    first evaluation)."""
+    so_far = [ret for m, ret, _ in curve if m <= minutes]
+    return (so_far[-1], max(so_far)) if so_far else None
+
+
+def marks(budget: float, every: float = 15.0) -> list[float]:
+    """The wall clocks of the same-time table: every 15 minutes, and the budget's end."""
+    return [*np.arange(every, budget, every).tolist(), budget]
+
+
 if __name__ == "__main__":
     args = tyro.cli(BenchArgs)
     unknown = [m for m in args.methods if m not in METHODS]
@@ -193,6 +207,16 @@ if __name__ == "__main__":
         print(f"| {LABELS[method]} | {seed} | {f'{reached:.1f}' if reached is not None else 'not reached'} | "
               f"{best[1]:.0f} ({best[0]:.1f}) | {best[1] / reference:.0%} | {curve[-1][1]:.0f} ({curve[-1][0]:.1f}) |")
 
+    runs = {key: run["curve"] for key, run in results["runs"].items()}
+    print("\nat the same wall clock: the last eval return at or before it (the best so far)")
+    print("| minutes | " + " | ".join(f"{LABELS[k.split('/')[0]]} {k.split('/')[1]}" for k in runs) + " |")
+    print("|---" * (len(runs) + 1) + "|")
+    for mark in marks(args.minutes):
+        end = mark == args.minutes  # the budget's end: the run's last evaluation, made as its cap stops it
+        cells = [at_minutes(curve, float("inf") if end else mark) for curve in runs.values()]
+        print(f"| {mark:g}{', the end' if end else ''} | "
+              + " | ".join("-" if c is None else f"{c[0]:.0f} ({c[1]:.0f})" for c in cells) + " |")
+
     out = ROOT / args.out
     out.mkdir(exist_ok=True)
     (out / f"wallclock{suffix}.json").write_text(json.dumps(results, indent=1))
@@ -202,11 +226,13 @@ if __name__ == "__main__":
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {method: f"C{i}" for i, method in enumerate(args.methods)}  # a colour per method, a line style per seed
     for key, run in results["runs"].items():
         method, seed = key.split("/")
         if run["curve"]:
             m, ret, _ = np.array(run["curve"]).T
-            ax.plot(m, ret, marker="o", ms=3, label=f"{LABELS[method]} (seed {seed})")
+            ax.plot(m, ret, marker="o", ms=3, color=colours[method], ls=["-", "--", ":", "-."][args.seeds.index(
+                int(seed)) % 4], label=f"{LABELS[method]} (seed {seed})")
     ax.axhline(threshold, color="gray", ls="--", lw=1, label="90 % of state SHAC")
     ax.set_xlabel("wall-clock minutes (2-core CPU)")
     ax.set_ylabel("eval return")

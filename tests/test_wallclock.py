@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks.wallclock import TASKS, command
+from benchmarks.wallclock import TASKS, at_minutes, command, marks
 from script_helpers import ROOT
 
 
@@ -27,6 +27,14 @@ def test_every_method_runs_its_script_on_the_task_at_its_cpu_size(task):
     assert ("--eval-every 250 --max-iters 3500 --seed 1" in dva) == (task == "hopper")
 
 
+def test_the_same_wall_clock_takes_the_last_evaluation_before_it_and_the_best_so_far():
+    curve = [(2.0, 500.0, 0.5), (4.0, 2600.0, 2.6), (6.0, 1000.0, 1.0)]
+    assert at_minutes(curve, 1.9) is None  # before the first evaluation
+    assert at_minutes(curve, 4.0) == (2600.0, 2600.0) and at_minutes(curve, 5.9) == (2600.0, 2600.0)
+    assert at_minutes(curve, 88.0) == (1000.0, 2600.0)  # a fall after the best keeps the best so far
+    assert marks(88.0) == [15.0, 30.0, 45.0, 60.0, 75.0, 88.0] and marks(30.0) == [15.0, 30.0] and marks(5.0) == [5.0]
+
+
 def test_table_and_plot_from_a_reused_run(tmp_path):
     """A hopper run folder with three evaluations (written here): minutes to 90 % of the reference, the best return's
     share of it, and the JSON and plot under the task's name."""
@@ -40,10 +48,12 @@ def test_table_and_plot_from_a_reused_run(tmp_path):
         writer.add_scalar("charts/eval_forward_velocity", ret / 1000, step)
     writer.close()
     out = subprocess.run([sys.executable, "benchmarks/wallclock.py", "--task", "hopper", "--methods", "dva",
-                          "--reuse", f"dva={run}", "--plot-only", "--reference-return", "3000", "--out",
-                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--reuse", f"dva={run}", "--plot-only", "--reference-return", "3000", "--minutes", "5",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| D.Va | 1 | 6.0 | 3100 (6.0) | 103% | 3100 (6.0) |" in out.stdout, out.stdout  # 90 % of 3000 at 6.0
+    # the budget's end, 5 minutes: the run's last evaluation, made as the cap stopped it (here after it, at 6)
+    assert "| minutes | D.Va 1 |\n|---|---|\n| 5, the end | 3100 (3100) |" in out.stdout, out.stdout
     result = json.loads((tmp_path / "wallclock_hopper.json").read_text())
     assert result["task"] == "hopper" and result["threshold"] == pytest.approx(2700.0)
     run_result = result["runs"]["dva/1"]
